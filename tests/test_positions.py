@@ -1,0 +1,68 @@
+"""Position rules: a table of cases against pyreft's rule as DESIGN.md states it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_reft.errors import PositionError
+from edge_reft.positions import PositionRule, edit_signature, reusable_prefix
+
+CASES = [  # rule, prompt length, edited positions
+    ("l1", 1, [0]), ("l1", 10, [9]), ("l3", 2, [0, 1]), ("l3", 10, [7, 8, 9]),
+    ("f1", 5, [0]), ("f4", 3, [0, 1, 2]),
+    ("f1+l1", 1, []), ("f1+l1", 2, [0, 1]), ("f1+l1", 5, [0, 4]),
+    ("f3+l3", 5, [0, 1, 3, 4]), ("f3+l3", 6, [0, 1, 2, 3, 4, 5]), ("f3+l3", 7, [0, 1, 2, 4, 5, 6]),
+    ("f5+l1", 4, [0, 1, 3]), ("f2+l5", 3, [0, 2]),
+    ("all", 1, [0]), ("all", 4, [0, 1, 2, 3]),
+]
+
+
+@pytest.mark.parametrize("rule,n,want", CASES)
+def test_select(rule, n, want):
+    r = PositionRule.parse(rule)
+    got = r.select(n)
+    assert got.tolist() == want
+    assert str(r) == rule
+    f, l = r.windows(n)
+    if r.first and r.last:  # both windows: each capped at floor(n/2), never overlapping
+        assert f <= n // 2 and l <= n // 2
+    assert len(set(got.tolist())) == len(got)  # a position is edited once
+
+
+@pytest.mark.parametrize("bad", ["", "l", "l0", "f0+l1", "f1+", "+l1", "l1+f1", "f1l1", "L1", " l1",
+                                 "l01", "f1+l1+l2", "al", "ALL", "l1234567", "l-1", "l1.5"])
+def test_parse_rejects(bad):
+    with pytest.raises(PositionError, match="expected"):
+        PositionRule.parse(bad)
+
+
+@pytest.mark.parametrize("rule", ["l1", "f2+l2", "all"])
+def test_empty_prompt_is_an_error(rule):
+    with pytest.raises(PositionError, match="empty"):
+        PositionRule.parse(rule).select(0)
+
+
+def test_signature_and_reuse_on_multi_turn():
+    l2 = PositionRule.parse("l2")
+    turn1 = list(range(10))
+    sig1 = edit_signature([l2], n_prompt=10, n_total=14)  # prompt 10 + 4 generated
+    assert np.flatnonzero(sig1).tolist() == [8, 9]
+    turn2 = turn1 + [100, 101, 102, 103] + [7, 7, 7]  # history + new user message
+    sig2 = edit_signature([l2], n_prompt=len(turn2), n_total=len(turn2))
+    # position 8 was edited in turn 1 and must not be now: recompute from 8
+    assert reusable_prefix(turn1 + [100, 101, 102, 103], sig1, turn2, sig2) == 8
+    # an all-positions patch keeps the whole shared prefix
+    a = PositionRule.parse("all")
+    s1 = edit_signature([a], 10, 14)
+    s2 = edit_signature([a], 17, 17)
+    assert reusable_prefix(turn1 + [100, 101, 102, 103], s1, turn2, s2) == 14
+    # a different token stops reuse there; an f-rule keeps its prefix
+    f1 = PositionRule.parse("f1")
+    assert reusable_prefix([1, 2, 3], edit_signature([f1], 3, 3), [1, 2, 9, 9],
+                           edit_signature([f1], 4, 4)) == 2
+
+
+def test_signature_bits_per_intervention():
+    rules = [PositionRule.parse(r) for r in ("f1", "l1", "all")]
+    sig = edit_signature(rules, n_prompt=3, n_total=5)
+    assert sig.tolist() == [0b101, 0b100, 0b110, 0b100, 0b100]
