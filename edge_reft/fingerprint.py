@@ -2,8 +2,10 @@
 
 fingerprint = sha256 over a version tag, the architecture (GGUF's name),
 n_embd, n_layer and the tokenizer vocabulary (every token string, in id
-order, length-prefixed).  Weights do not enter it, so Q4_1, Q8_0, F32 and the
-HF folder of one model agree, and a patch can be checked against any of them.
+order, length-prefixed, with SentencePiece's U+2581 read as a space: GGUF
+keeps user-defined pieces such as "  " literal where an HF tokenizer.json
+spells them "▁▁").  Weights do not enter it, so Q4_1, Q8_0, F32 and the HF
+folder of one model agree, and a patch can be checked against any of them.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def fingerprint(architecture: str, n_embd: int, n_layer: int, tokens: Iterable[s
     toks = list(tokens)
     h.update(f"{architecture}\n{n_embd}\n{n_layer}\n{len(toks)}\n".encode())
     for t in toks:
-        b = t.encode("utf-8", "surrogateescape")
+        b = t.replace("\u2581", " ").encode("utf-8", "surrogateescape")
         h.update(len(b).to_bytes(4, "little"))
         h.update(b)
     return h.hexdigest()
@@ -109,7 +111,7 @@ def from_hf_dir(path: str | os.PathLike[str]) -> BaseModel:
     except (KeyError, TypeError, ValueError):
         raise ReftFormatError(d / "config.json", "hidden_size / num_hidden_layers: missing") from None
     tokens = hf_vocab(tok, int(text.get("vocab_size") or config.get("vocab_size") or 0))
-    name = config.get("_name_or_path", "") or d.name
+    name = config.get("_model_name_or_path") or config.get("_name_or_path") or d.name
     return BaseModel(arch, n_embd, n_layer, fingerprint(arch, n_embd, n_layer, tokens), Path(name).name)
 
 

@@ -1,0 +1,102 @@
+"""``edge-reft run [MODEL] --patch P [-p PROMPT | --chat]``: generate with patches."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-reft run", description=__doc__)
+    ap.add_argument("model", nargs="?", help="a .gguf (llama.cpp) or an export-onnx folder; "
+                    "default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--patch", action="append", default=[], metavar="P",
+                    help="a .reft patch (repeat to stack patches; applied in the order given)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="the user message (goes through the chat template)")
+    src.add_argument("--chat", action="store_true", help="interactive conversation")
+    ap.add_argument("--raw", action="store_true", help="send the prompt as is (special tokens parsed)")
+    ap.add_argument("-n", "--max-tokens", type=int, default=128)
+    ap.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU (llama.cpp)")
+    ap.add_argument("--backend", choices=["llama.cpp", "onnx"], default=None)
+    ap.add_argument("--allow-mismatch", action="store_true",
+                    help="apply a patch made for another base model (its effect is unpredictable)")
+    ap.add_argument("--json", action="store_true",
+                    help='print {"prompt_tokens": [...], "tokens": [...], "text": "..."} at the end')
+    ap.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    from edge_reft.errors import ReftError
+    from edge_reft.runtime import Engine
+
+    if a.prompt is None and not a.chat:
+        if sys.stdin.isatty():
+            raise ReftError("give a prompt with -p, or --chat for a conversation (or pipe text on stdin)")
+        a.prompt = sys.stdin.read()
+    backend = a.backend or ("onnx" if a.model and os.path.isdir(a.model) else "llama.cpp")
+    opts = {"n_ctx": a.ctx, "n_threads": a.threads}
+    if backend == "llama.cpp":
+        opts.update(n_gpu_layers=a.ngl, verbose=a.verbose)
+    t0 = time.perf_counter()
+    engine = Engine(a.model, backend=backend, **opts)
+    patches = [engine.load_patch(p, allow_mismatch=a.allow_mismatch) for p in a.patch]
+    pset = engine.patch_set(patches, allow_mismatch=a.allow_mismatch)
+    print(f"[edge-reft] {engine.base.name or engine.base.architecture}: loaded in "
+          f"{time.perf_counter() - t0:.2f} s; patches: {', '.join(a.patch) or 'none'}", file=sys.stderr)
+    gen_opts = dict(patch=pset, max_tokens=a.max_tokens, temperature=a.temp, top_p=a.top_p,
+                    top_k=a.top_k, seed=a.seed, stop=a.stop)
+    try:
+        if a.chat:
+            return _chat(engine, a.raw, gen_opts)
+        gen = engine.generate(a.prompt, raw=a.raw, **gen_opts)
+        for piece in gen:
+            if not a.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        r = gen.result
+        if a.json:
+            print(json.dumps({"prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": r.text,
+                              "finish_reason": r.finish_reason}))
+        else:
+            sys.stdout.write("\n")
+        n = max(len(r.tokens), 1)
+        print(f"[edge-reft] prompt {len(r.prompt_tokens)} tokens in {r.prefill_s * 1e3:.0f} ms; "
+              f"{len(r.tokens)} tokens at {r.decode_s / n * 1e3:.1f} ms/token", file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+def _chat(engine, raw: bool, gen_opts: dict) -> int:
+    if raw:
+        from edge_reft.errors import ReftError
+        raise ReftError("--chat uses the chat template; it cannot be combined with --raw")
+    messages: list[dict] = []
+    print("[edge-reft] chat: an empty line or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        gen = engine.generate(messages=messages, **gen_opts)
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": gen.result.text})
+    return 0

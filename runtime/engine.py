@@ -1,0 +1,246 @@
+"""The engine interface and the generate loop every backend shares.
+
+A backend implements four primitives: ``_tokenize``, ``_piece``,
+``_forward`` (run a chunk of tokens at given positions, with the edits of a
+``PatchSet``, and return logits) and ``_keep`` (cut the KV cache back).
+Everything else lives here once: chat template, patch binding, the
+KV-cache reuse rule of DESIGN.md, sampling, stop strings, streaming.
+
+Threading: an engine owns one context and serializes generations with a
+lock; use one engine per thread for parallelism.  Consume (or ``close()``)
+every streamed generation: it holds the lock until it ends.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edge_reft.chat import ChatTemplate
+from edge_reft.errors import ReftError
+from edge_reft.patch import BaseModel, Patch
+from edge_reft.positions import reusable_prefix
+from edge_reft.reftfile import load_patch
+
+from .edits import EMPTY, PatchSet
+from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
+
+PatchLike = Patch | str | os.PathLike | PatchSet | None
+CACHE_MODES = ("exact", "fast", "off")
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str          # "stop" (end of turn or a stop string) or "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    reused_tokens: int = 0      # prompt tokens served from the KV cache
+
+
+class Generation:
+    """Iterate for text pieces as they are generated; ``result`` once done."""
+
+    def __init__(self, it: Iterator[str]):
+        self._it = it
+        self.result: Completion | None = None
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    def collect(self) -> Completion:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+@dataclass
+class _Cache:
+    key: str = ""                       # the PatchSet the cached states were computed under
+    tokens: list[int] = field(default_factory=list)
+    n_prompt: int = 0
+
+
+class EngineBase:
+    base: BaseModel
+    n_ctx: int
+    n_ubatch: int
+    chat: ChatTemplate | None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache = _Cache()
+        self._patch_cache: dict[tuple[str, int, int], Patch] = {}
+
+    # ---- backend primitives ------------------------------------------------------------
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _piece(self, token: int) -> bytes:
+        raise NotImplementedError
+
+    def _is_eog(self, token: int) -> bool:
+        raise NotImplementedError
+
+    def _forward(self, tokens: Sequence[int], start: int, n_prompt: int, pset: PatchSet,
+                 all_logits: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def _keep(self, n: int) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "EngineBase":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- patches ---------------------------------------------------------------------
+    def load_patch(self, path: str | os.PathLike[str], allow_mismatch: bool = False) -> Patch:
+        """Load and validate a patch for this model (cached while the file is unchanged)."""
+        st = os.stat(path)
+        k = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        p = self._patch_cache.get(k)
+        if p is None:
+            p = load_patch(path, model=self.base, allow_mismatch=allow_mismatch)
+            if len(self._patch_cache) > 256:
+                self._patch_cache.clear()
+            self._patch_cache[k] = p
+        return p
+
+    def patch_set(self, patch: PatchLike | Sequence[PatchLike], allow_mismatch: bool = False) -> PatchSet:
+        """One patch, a path, or a list of them (applied in order), bound to this model."""
+        if isinstance(patch, PatchSet):
+            return patch
+        items = [] if patch is None else list(patch) if isinstance(patch, (list, tuple)) else [patch]
+        patches = [p if isinstance(p, Patch) else self.load_patch(p, allow_mismatch) for p in items]
+        for p in patches:
+            bad = [iv.layer for iv in p.interventions if iv.layer >= self.base.n_layer]
+            if bad:
+                raise ReftError(f"{p.source}: layer {bad[0]} does not exist in this model "
+                                f"({self.base.n_layer} layers)")
+        return PatchSet(patches, self.base, allow_mismatch) if patches else EMPTY
+
+    # ---- prompts ---------------------------------------------------------------------
+    def prompt_tokens(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
+                      raw: bool = False) -> list[int]:
+        """Tokens of a prompt: through the chat template, or the text as is with ``raw``."""
+        if (prompt is None) == (messages is None):
+            raise ReftError("generate: give exactly one of prompt= or messages=")
+        if raw:
+            if prompt is None:
+                raise ReftError("generate: raw=True takes a prompt string, not messages")
+            toks = self._tokenize(prompt, add_special=True)
+        else:
+            if self.chat is None:
+                raise ReftError("this model has no chat template; pass raw=True (--raw)")
+            msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
+            toks = self._tokenize(self.chat.render(msgs, add_generation_prompt=True), add_special=False)
+        if not toks:
+            raise ReftError("generate: the prompt is empty (0 tokens); a patch needs prompt tokens to edit")
+        return toks
+
+    # ---- generation ------------------------------------------------------------------
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                 patch: PatchLike | Sequence[PatchLike] = None, max_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: Sequence[str] = (), raw: bool = False, stream: bool = True,
+                 cache: str = "exact", prompt_tokens: Sequence[int] | None = None) -> Generation | Completion:
+        """Generate a reply; streams text pieces (``stream=True``) or returns a Completion.
+
+        cache: "exact" reuses the KV cache only where it is provably the same
+        as recomputing (DESIGN.md); "fast" reuses any shared token prefix even
+        if the patch's positions moved; "off" recomputes the whole prompt.
+        """
+        if cache not in CACHE_MODES:
+            raise ReftError(f"cache: {cache!r}, expected one of {CACHE_MODES}")
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ReftError(f"max_tokens: {max_tokens!r}, expected an integer >= 0")
+        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        pset = self.patch_set(patch)
+        toks = list(prompt_tokens) if prompt_tokens is not None else self.prompt_tokens(prompt, messages, raw)
+        if len(toks) + max_tokens > self.n_ctx:
+            raise ReftError(f"the prompt ({len(toks)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                            f"context of {self.n_ctx} tokens; raise n_ctx (--ctx) or shorten the prompt")
+        gen = Generation(iter(()))
+        gen._it = self._run(gen, toks, pset, sampling, max_tokens, stop, cache)
+        return gen if stream else gen.collect()
+
+    def _run(self, gen: Generation, toks: list[int], pset: PatchSet, sampling: SamplingParams,
+             max_tokens: int, stop: Sequence[str], cache: str) -> Iterator[str]:
+        with self._lock:
+            t0 = time.perf_counter()
+            n_prompt = len(toks)
+            reused = self._prefix_to_keep(toks, pset, cache)
+            self._cache = _Cache()  # until the prompt is in, the KV cache matches nothing
+            logits = self._forward(toks[reused:], reused, n_prompt, pset)
+            self._cache = _Cache(pset.key, list(toks), n_prompt)
+            t1 = time.perf_counter()
+            sampler, text, out, finish = Sampler(sampling), TextStream(stop), [], "length"
+            try:
+                for i in range(max_tokens):
+                    tok = sampler(logits[-1])
+                    if self._is_eog(tok):
+                        finish = "stop"
+                        break
+                    out.append(tok)
+                    piece = text.feed(self._piece(tok))
+                    if piece:
+                        yield piece
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if i + 1 < max_tokens:
+                        logits = self._forward([tok], n_prompt + i, n_prompt, pset)
+                        self._cache.tokens.append(tok)
+                tail = text.close()
+                if tail:
+                    yield tail
+            finally:
+                gen.result = Completion(text.text, out, toks, finish, t1 - t0, time.perf_counter() - t1, reused)
+
+    def _prefix_to_keep(self, toks: list[int], pset: PatchSet, cache: str) -> int:
+        """Positions of the KV cache the new prompt may keep; cuts the cache there."""
+        c = self._cache
+        n = 0
+        if cache != "off" and c.key == pset.key and c.tokens:
+            if cache == "fast":
+                n = reusable_prefix(c.tokens, np.zeros(len(c.tokens), np.uint64), toks,
+                                    np.zeros(len(toks), np.uint64))
+            else:
+                n = reusable_prefix(c.tokens, pset.signature(c.n_prompt, len(c.tokens)),
+                                    toks, pset.signature(len(toks), len(toks)))
+        n = min(n, len(toks) - 1)  # the last prompt token is always run: its logits are needed
+        if not self._keep(n):
+            n = 0
+            self._keep(0)
+        return n
+
+    def logits(self, tokens: Sequence[int], patch: PatchLike | Sequence[PatchLike] = None,
+               n_prompt: int | None = None) -> np.ndarray:
+        """Logits at every position of ``tokens`` (n, vocab), the first ``n_prompt`` being
+        the prompt (default: all of them); for scoring, tests and evaluation."""
+        pset = self.patch_set(patch)
+        with self._lock:
+            self._cache = _Cache()
+            self._keep(0)
+            return self._forward(list(tokens), 0, len(tokens) if n_prompt is None else n_prompt,
+                                 pset, all_logits=True)

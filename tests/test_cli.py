@@ -1,0 +1,95 @@
+"""The command line: verbs, exit codes, JSON output, and no torch on the run path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_reft.patch import BaseModel, random_patch
+from edge_reft.reftfile import save_patch
+from hostile import CORPUS
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_reft", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_help_and_unknown_verb():
+    r = cli("--help")
+    assert r.returncode == 0 and "run" in r.stdout and "inspect" in r.stdout
+    r = cli("frobnicate")
+    assert r.returncode == 2 and "unknown verb" in r.stderr
+
+
+NO_TORCH = """
+import sys
+from edge_reft.cli import main
+rc = main(sys.argv[1:])
+bad = sorted(m for m in ("torch", "transformers", "gguf") if m in sys.modules)
+print("IMPORTED:" + ",".join(bad))
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("args", [["inspect", "{model}"], ["run", "-p", "Hi", "-n", "3"], ["inspect", "{patch}"]])
+def test_run_and_inspect_never_import_torch(args, smol_q4, tmp_path):
+    patch = save_patch(random_patch(BaseModel("llama", 576, 30, "ab" * 32), [(1, "l1", 2)]), tmp_path / "p.reft")
+    argv = [a.format(model=smol_q4, patch=patch) for a in args]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTED:\n" in r.stdout, r.stdout
+
+
+def test_import_is_light():
+    """Importing the package (and reaching the Engine factory) loads neither torch nor llama.cpp."""
+    r = subprocess.run([sys.executable, "-c", "import edge_reft, sys; edge_reft.Engine; "
+                        "print('torch' in sys.modules, 'llama_cpp' in sys.modules)"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["False", "False"]
+
+
+def test_inspect_model_json(smol_q4):
+    r = cli("inspect", str(smol_q4), "--json")
+    rec = json.loads(r.stdout)
+    assert (rec["architecture"], rec["n_embd"], rec["n_layer"]) == ("llama", 576, 30)
+    assert len(rec["fingerprint"]) == 64
+
+
+@pytest.mark.parametrize("name", ["huge-array-43-bytes", "trunc-50pct", "nan-weight", "magic"])
+def test_inspect_rejects_cleanly(tmp_path, name):
+    p = tmp_path / f"{name}.reft"
+    p.write_bytes(CORPUS[name][0]())
+    r = cli("inspect", str(p))
+    assert r.returncode == 1
+    assert r.stderr.startswith("edge-reft inspect: error:") and "Traceback" not in r.stderr
+    assert str(p) in r.stderr
+
+
+def test_run_json_with_and_without_patch(smol_q4, tmp_path):
+    from edge_reft.fingerprint import from_gguf
+    patch = save_patch(random_patch(from_gguf(smol_q4), [(15, "l1", 4)], scale=8.0, seed=1),
+                       tmp_path / "p.reft")
+    plain = json.loads(cli("run", "-p", "Name a colour.", "-n", "12", "--json").stdout)
+    patched = json.loads(cli("run", str(smol_q4), "--patch", str(patch), "-p", "Name a colour.",
+                             "-n", "12", "--json").stdout)
+    assert plain["prompt_tokens"] == patched["prompt_tokens"]
+    assert plain["tokens"] != patched["tokens"] and len(patched["tokens"]) > 0
+    raw = json.loads(cli("run", "--raw", "-p", "<|im_start|>user\nHi<|im_end|>\n", "-n", "1", "--json").stdout)
+    assert raw["prompt_tokens"][0] == 1  # <|im_start|> parsed as the special token
+
+
+def test_run_refuses_a_patch_for_another_model(tmp_path):
+    patch = save_patch(random_patch(BaseModel("llama", 576, 30, "cd" * 32, "other"), [(2, "l1", 2)]),
+                       tmp_path / "other.reft")
+    r = cli("run", "--patch", str(patch), "-p", "Hi", "-n", "2")
+    assert r.returncode == 1 and "--allow-mismatch" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", "--patch", str(patch), "--allow-mismatch", "-p", "Hi", "-n", "2")
+    assert r.returncode == 0
+
+
+def test_chat_keeps_the_conversation():
+    r = cli("run", "--chat", "-n", "8", stdin="Hello!\nWhat did I just say?\n\n")
+    assert r.returncode == 0 and r.stdout.count("\n") >= 2

@@ -1,0 +1,77 @@
+"""The second architecture: Gemma 3 270M (Q4_K_M GGUF; base model, no chat template).
+
+In llama.cpp's gemma3 graph, ``l_out-L`` is the raw residual stream after
+block L (the embeddings scaled by sqrt(n_embd), plus the post-normed
+attention and FFN branches): HF's ``hidden_states[L + 1]``, pyreft's
+``block_output``.  The parity test below checks exactly that.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_reft.patch import identity, random_patch
+from edge_reft.runtime import Engine
+from test_llamacpp import _constant_vector_patch
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_q4):
+    with Engine(gemma3_q4, n_ctx=512) as e:
+        yield e
+
+
+def test_identity_and_effect(gemma):
+    assert (gemma.base.architecture, gemma.base.n_embd, gemma.base.n_layer) == ("gemma3", 640, 18)
+    toks = gemma.prompt_tokens(PROMPT, raw=True)
+    base = gemma.logits(toks)
+    for layer in (0, 9, 17):
+        np.testing.assert_array_equal(gemma.logits(toks, identity(gemma.base, layer, "all")), base)
+    patched = gemma.logits(toks, random_patch(gemma.base, [(9, "l1", 4)], scale=50.0))
+    assert np.abs(patched - base).max() > 1.0
+
+
+@pytest.mark.parametrize("layer", [1, 17])
+def test_matches_control_vector(gemma, layer):
+    patch, v = _constant_vector_patch(gemma.base, layer, seed=layer)
+    toks = gemma.prompt_tokens(PROMPT, raw=True)
+    ours = gemma.logits(toks, patch)
+    gemma.native.set_control_vector(v, layer)
+    try:
+        oracle = gemma.logits(toks)
+    finally:
+        gemma.native.set_control_vector(None, layer)
+    np.testing.assert_array_equal(ours, oracle)
+
+
+def test_chat_needs_raw(gemma):
+    from edge_reft.errors import ReftError
+    with pytest.raises(ReftError, match="no chat template"):
+        gemma.generate(PROMPT, stream=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [[(9, "l1", 4)], [(0, "all", 2)], [(17, "f2+l2", 4)]])
+def test_parity_with_torch_reference(gemma3_q4, spec, tmp_path_factory):
+    """Float32 GGUF (dequantized Q4_K_M) in llama.cpp vs transformers on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from edge_reft.dequantize import dequantize_gguf
+    from edge_reft.hf import hf_dir, reference_logits
+    from edge_reft.models import cache_dir
+    f32 = cache_dir() / "models" / "gemma-3-270m-dequantized.F32.gguf"
+    if not f32.exists():
+        dequantize_gguf(gemma3_q4, f32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir(gemma3_q4), dtype=torch.float32).eval()
+    with Engine(f32, n_ctx=256, kv_f32=True) as e:
+        toks = e.prompt_tokens(PROMPT, raw=True)
+        patch = random_patch(e.base, spec, scale=50.0)
+        ours, ref = e.logits(toks, patch), reference_logits(model, toks, [patch])
+        ours0, ref0 = e.logits(toks), reference_logits(model, toks, [])
+    # gemma's logits and residual stream are large: compare relative to their scale
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    eff_a, eff_b = (ours - ours0).ravel(), (ref - ref0).ravel()
+    assert eff_a @ eff_b / np.linalg.norm(eff_a) / np.linalg.norm(eff_b) > 0.9999
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
