@@ -88,8 +88,8 @@ class Native:
     """A model, its context and a batch; released together by ``close``."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int, n_threads: int,
-                 n_gpu_layers: int, flash_attn: bool, callback: EvalCallback | None, kv_f32: bool = False,
-                 verbose: bool = False):
+                 n_gpu_layers: int, flash_attn: bool, callback: EvalCallback | None,
+                 callback_data: int | None = None, kv_f32: bool = False, verbose: bool = False):
         check_version()
         quiet_logs(verbose)
         backend_init()
@@ -111,7 +111,7 @@ class Native:
         self.callback = callback  # params are copied by value: this reference keeps the thunk alive
         if callback is not None:
             cp.cb_eval = callback
-            cp.cb_eval_user_data = None
+            cp.cb_eval_user_data = callback_data
         self.ctx = C.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise BackendError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
@@ -216,3 +216,76 @@ class Native:
         arr = (ctypes.POINTER(ctypes.c_void_p) * 1)(adapter)
         scales = (ctypes.c_float * 1)(scale)
         C.llama_set_adapters_lora(self.ctx, arr, 1, scales)
+
+
+# ---- the native gate (runtime/gate.c): the eval callback in C ------------------------------
+class GateEdit(ctypes.Structure):
+    _fields_ = [("rank", ctypes.c_int32), ("n_rows", ctypes.c_int32), ("rows", ctypes.POINTER(ctypes.c_int32)),
+                ("rotate", ctypes.POINTER(ctypes.c_float)), ("delta", ctypes.POINTER(ctypes.c_float)),
+                ("bias", ctypes.POINTER(ctypes.c_float))]
+
+
+class GateJob(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * 64), ("n_rows", ctypes.c_int64), ("lo", ctypes.c_int64),
+                ("span", ctypes.c_int64), ("n_edits", ctypes.c_int32), ("edits", ctypes.POINTER(GateEdit))]
+
+
+GATE_ABI = 1
+
+
+def load_gate() -> ctypes.CDLL | None:
+    """The compiled gate (built with the package), or None where no compiler was available."""
+    try:
+        from . import _gate
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_gate.__file__)
+    lib.edge_gate_abi.restype = ctypes.c_int32
+    if lib.edge_gate_abi() != GATE_ABI:
+        return None
+    lib.edge_gate_new.argtypes = [ctypes.c_int32] + [ctypes.c_void_p] * 5
+    lib.edge_gate_new.restype = ctypes.c_void_p
+    lib.edge_gate_set_jobs.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(GateJob)]
+    lib.edge_gate_set_jobs.restype = None
+    lib.edge_gate_take_error.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]
+    lib.edge_gate_take_error.restype = ctypes.c_int32
+    lib.edge_gate_edited.argtypes = [ctypes.c_void_p]
+    lib.edge_gate_edited.restype = ctypes.c_int64
+    lib.edge_gate_free.argtypes = [ctypes.c_void_p]
+    lib.edge_gate_free.restype = None
+    return lib
+
+
+def _addr(fn: object) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class Gate:
+    """One native gate state (per context): its callback pointer and user data."""
+
+    def __init__(self, lib: ctypes.CDLL, n_embd: int):
+        self.lib = lib
+        self.state = lib.edge_gate_new(n_embd, _addr(ggml_get_name), _addr(ggml_nelements),
+                                       _addr(ggml_is_contiguous), _addr(ggml_backend_tensor_get),
+                                       _addr(ggml_backend_tensor_set))
+        if not self.state:
+            raise BackendError("the native gate could not allocate its state")
+        self.callback = EvalCallback(_addr(lib.edge_gate_eval))
+        self._jobs: object = None  # the ctypes arrays of the ubatch in flight
+
+    def set_jobs(self, jobs: ctypes.Array | None, keepalive: object = None) -> None:
+        self._jobs = (jobs, keepalive)
+        self.lib.edge_gate_set_jobs(self.state, len(jobs) if jobs is not None else 0, jobs)
+
+    def take_error(self) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        code = self.lib.edge_gate_take_error(self.state, buf, 256)
+        return f"{buf.value.decode(errors='replace')} (code {code})" if code else None
+
+    def edited(self) -> int:
+        return self.lib.edge_gate_edited(self.state)
+
+    def free(self) -> None:
+        if self.state:
+            self.lib.edge_gate_free(self.state)
+            self.state = None

@@ -13,6 +13,7 @@ logits, so there the columns are the output rows, in batch order.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,23 +31,48 @@ from .engine import EngineBase
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
+    """What to do to one ``l_out-L`` tensor in one ubatch."""
     layer: int
+    name: bytes
     n_rows: int      # rows l_out-L must have in this ubatch
     lo: int          # first row touched
     span: int        # rows lo .. lo+span-1 are read and written back
     edits: tuple[tuple[CompiledIntervention, np.ndarray], ...]  # rows relative to lo
 
 
-class EvalHook:
-    """The Python eval callback: asks for the layers to edit, edits their rows."""
+def plan_jobs(edits: dict[int, list[tuple[CompiledIntervention, np.ndarray]]], n_rows: int,
+              out_rows: np.ndarray, last_layer: int) -> list[Job]:
+    """The jobs of one ubatch of ``n_rows`` tokens with outputs at ``out_rows``.
 
-    def __init__(self, n_embd: int, n_layer: int):
-        self.n_embd, self.last = n_embd, n_layer - 1
-        self.names = [f"l_out-{L}".encode() for L in range(n_layer)]
-        self.asked: dict[bytes, _Job] = {}
+    Blocks below the last keep every row; the last block's ``l_out`` holds only
+    the output rows (in batch order), so token rows are mapped to those.
+    """
+    jobs = []
+    for layer, items in edits.items():
+        rows_in_tensor = n_rows
+        if layer == last_layer:
+            items = [(c, np.searchsorted(out_rows, r[np.isin(r, out_rows)])) for c, r in items]
+            items = [(c, r) for c, r in items if r.size]
+            rows_in_tensor = len(out_rows)
+        if not items:
+            continue
+        lo = min(int(r.min()) for _, r in items)
+        hi = max(int(r.max()) for _, r in items) + 1
+        jobs.append(Job(layer, f"l_out-{layer}".encode(), rows_in_tensor, lo, hi - lo,
+                        tuple((c, r - lo) for c, r in items)))
+    return jobs
+
+
+class EvalHook:
+    """The eval callback in Python (the fallback where the native gate was not built)."""
+
+    def __init__(self, n_embd: int):
+        self.n_embd = n_embd
+        self.asked: dict[bytes, Job] = {}
         self.error: BaseException | None = None
-        self.thunk = N.EvalCallback(self._callback)  # owned here, for the context's lifetime
+        self.callback = N.EvalCallback(self._callback)  # owned here, for the context's lifetime
+        self.callback_data = None
 
     def _callback(self, t: int, ask: bool, _user: int) -> bool:
         try:
@@ -60,7 +86,7 @@ class EvalHook:
                 self.error = e
         return True
 
-    def _edit(self, t: int, job: _Job) -> None:
+    def _edit(self, t: int, job: Job) -> None:
         d = self.n_embd
         if N.tensor_type(t) != N.GGML_TYPE_F32 or not N.ggml_is_contiguous(t):
             raise BackendError(f"l_out-{job.layer}: expected a contiguous F32 tensor "
@@ -75,29 +101,64 @@ class EvalHook:
         apply_rows(buf, job.edits)
         N.ggml_backend_tensor_set(t, buf.ctypes.data, off, size)
 
-    def prepare(self, edits: dict[int, list[tuple[CompiledIntervention, np.ndarray]]], n_rows: int,
-                out_rows: np.ndarray) -> None:
-        """Set up the jobs of the next ubatch (``n_rows`` tokens, outputs at ``out_rows``)."""
-        asked = {}
-        for layer, items in edits.items():
-            rows_in_tensor = n_rows
-            if layer == self.last:  # pruned to the output rows: map token rows to tensor rows
-                items = [(c, np.searchsorted(out_rows, r[np.isin(r, out_rows)])) for c, r in items]
-                items = [(c, r) for c, r in items if r.size]
-                rows_in_tensor = len(out_rows)
-            if not items:
-                continue
-            lo = min(int(r.min()) for _, r in items)
-            hi = max(int(r.max()) for _, r in items) + 1
-            asked[self.names[layer]] = _Job(layer, rows_in_tensor, lo, hi - lo,
-                                            tuple((c, r - lo) for c, r in items))
-        self.asked = asked
+    def prepare(self, jobs: list[Job]) -> None:
+        self.asked = {j.name: j for j in jobs}
 
     def finish(self) -> None:
         self.asked = {}
         err, self.error = self.error, None
         if err is not None:
             raise BackendError(f"the patch could not be applied inside llama.cpp: {err}") from err
+
+    def close(self) -> None:
+        pass
+
+
+class NativeHook:
+    """The eval callback in C (runtime/gate.c): Python only describes each ubatch's jobs."""
+
+    def __init__(self, lib: object, n_embd: int):
+        self.gate = N.Gate(lib, n_embd)
+        self.callback, self.callback_data = self.gate.callback, self.gate.state
+
+    def prepare(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        arr = (N.GateJob * len(jobs))()
+        keep: list[object] = [arr]
+        for dst, job in zip(arr, jobs):
+            edits = (N.GateEdit * len(job.edits))()
+            keep.append(edits)
+            for e, (c, rows) in zip(edits, job.edits):
+                rows32 = np.ascontiguousarray(rows, dtype=np.int32)
+                keep.append(rows32)
+                e.rank, e.n_rows = c.rotate.shape[0], rows32.size
+                e.rows = rows32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+                e.rotate, e.delta, e.bias = (a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                                             for a in (c.rotate, c.delta, c.bias))
+            dst.name, dst.n_rows, dst.lo, dst.span = job.name, job.n_rows, job.lo, job.span
+            dst.n_edits, dst.edits = len(job.edits), edits
+        self.gate.set_jobs(arr, keep)
+
+    def finish(self) -> None:
+        self.gate.set_jobs(None)
+        err = self.gate.take_error()
+        if err is not None:
+            raise BackendError(f"the patch could not be applied inside llama.cpp: {err}")
+
+    def close(self) -> None:
+        self.gate.free()
+
+
+def make_hook(gate: str, n_embd: int) -> EvalHook | NativeHook:
+    """gate: "native" (C; fails if not built), "python", or "auto" (native when built)."""
+    if gate not in ("auto", "native", "python"):
+        raise ReftError(f"gate: {gate!r}, expected 'auto', 'native' or 'python'")
+    lib = N.load_gate() if gate != "python" else None
+    if lib is None and gate == "native":
+        raise BackendError("the native gate (edge_reft.runtime._gate) was not built with this install; "
+                           "reinstall with a C compiler available, or use gate='python'")
+    return NativeHook(lib, n_embd) if lib is not None else EvalHook(n_embd)
 
 
 class LlamaCppEngine(EngineBase):
@@ -106,7 +167,7 @@ class LlamaCppEngine(EngineBase):
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
                  flash_attn: bool = False, kv_f32: bool = False, patches: bool = True,
-                 verbose: bool = False):
+                 gate: str = "auto", verbose: bool = False):
         super().__init__()
         path = os.fspath(model) if model is not None else str(default_model())
         if not os.path.isfile(path):
@@ -117,11 +178,12 @@ class LlamaCppEngine(EngineBase):
             self.chat = ChatTemplate.from_gguf(path)
         except ReftError:
             self.chat = None
-        self.hook = EvalHook(self.base.n_embd, self.base.n_layer) if patches else None
+        self.hook = make_hook(gate, self.base.n_embd) if patches else None
         self.native = N.Native(path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads or os.cpu_count() or 1,
                                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                               callback=self.hook.thunk if self.hook else None, kv_f32=kv_f32,
-                               verbose=verbose)
+                               callback=self.hook.callback if self.hook else None,
+                               callback_data=self.hook.callback_data if self.hook else None,
+                               kv_f32=kv_f32, verbose=verbose)
         if (self.native.n_embd, self.native.n_layer) != (self.base.n_embd, self.base.n_layer):
             raise BackendError(f"{path}: llama.cpp reports n_embd={self.native.n_embd}, "
                                f"n_layer={self.native.n_layer}; the GGUF metadata says "
@@ -130,6 +192,8 @@ class LlamaCppEngine(EngineBase):
 
     def close(self) -> None:
         self.native.close()
+        if self.hook is not None:
+            self.hook.close()
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         return self.native.tokenize(text, add_special=add_special, parse_special=True)
@@ -158,7 +222,8 @@ class LlamaCppEngine(EngineBase):
             elif a + m == n:
                 outputs[-1] = 1
             if pset:
-                self.hook.prepare(pset.chunk_edits(start + a, m, n_prompt), m, np.flatnonzero(outputs))
+                self.hook.prepare(plan_jobs(pset.chunk_edits(start + a, m, n_prompt), m,
+                                            np.flatnonzero(outputs), self.base.n_layer - 1))
             try:
                 self.native.decode(chunk, start + a, outputs)
             finally:

@@ -45,19 +45,32 @@ def hf_smol(smol_q4):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def engine_f32(smol_f32):
-    """llama.cpp on the F32 GGUF with an F32 KV cache: comparable to torch to float32 rounding."""
-    from edge_reft.runtime import Engine
-    with Engine(smol_f32, n_ctx=512, kv_f32=True) as e:
-        yield e
+GATES = ("native", "python")  # the C eval callback and its pure-Python fallback
 
 
 @pytest.fixture(scope="session")
-def engine_q4(smol_q4):
+def engines_f32(smol_f32):
+    """llama.cpp on the F32 GGUF with an F32 KV cache (comparable to torch to float32
+    rounding), once per gate."""
     from edge_reft.runtime import Engine
-    with Engine(smol_q4, n_ctx=1024) as e:
-        yield e
+    engines = {g: Engine(smol_f32, n_ctx=512, kv_f32=True, gate=g) for g in GATES}
+    yield engines
+    for e in engines.values():
+        e.close()
+
+
+@pytest.fixture(scope="session")
+def engines_q4(smol_q4):
+    from edge_reft.runtime import Engine
+    engines = {g: Engine(smol_q4, n_ctx=1024, gate=g) for g in GATES}
+    yield engines
+    for e in engines.values():
+        e.close()
+
+
+@pytest.fixture(scope="session")
+def engine_q4(engines_q4):
+    return engines_q4["native"]
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 vectors, and itself (identity, swaps, KV-cache reuse), on the real SmolLM2."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,21 +21,25 @@ PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 
 
 
 @pytest.mark.parametrize("layer,positions,rank", PARITY)
-def test_parity_with_torch_reference(engine_f32, hf_smol, layer, positions, rank):
-    patch = random_patch(engine_f32.base, [(layer, positions, rank)], scale=4.0, seed=layer + rank)
-    toks = engine_f32.prompt_tokens(PROMPT)
-    ours, ref = engine_f32.logits(toks, patch), reference_logits(hf_smol, toks, [patch])
+def test_parity_with_torch_reference(engines_f32, hf_smol, layer, positions, rank):
+    """Both gates (C and Python) against transformers + the torch math."""
+    patch = random_patch(engines_f32["native"].base, [(layer, positions, rank)], scale=4.0, seed=layer + rank)
+    toks = engines_f32["native"].prompt_tokens(PROMPT)
+    ref = reference_logits(hf_smol, toks, [patch])
     effect = np.abs(ref - reference_logits(hf_smol, toks, [])).max()
     assert effect > 0.5, "the patch must change the logits for the test to mean anything"
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
-    got = engine_f32.generate(prompt_tokens=toks, patch=patch, max_tokens=32, stream=False).tokens
-    assert got == reference_greedy(hf_smol, toks, [patch], 32, stop_ids=[2])
+    ref_tokens = reference_greedy(hf_smol, toks, [patch], 32, stop_ids=[2])
+    for gate, engine in engines_f32.items():
+        np.testing.assert_allclose(engine.logits(toks, patch), ref, rtol=0, atol=1e-3, err_msg=gate)
+        got = engine.generate(prompt_tokens=toks, patch=patch, max_tokens=32, stream=False).tokens
+        assert got == ref_tokens, gate
 
 
+@pytest.mark.parametrize("gate", ["native", "python"])
 @pytest.mark.parametrize("positions", ["f2+l2", "all", "l3"])
-def test_small_ubatches_edit_the_right_positions(smol_f32, hf_smol, positions):
+def test_small_ubatches_edit_the_right_positions(smol_f32, hf_smol, positions, gate):
     """n_ubatch 8 on a 40-token prompt: the edits land in the right ubatch."""
-    with Engine(smol_f32, n_ctx=256, n_ubatch=8, kv_f32=True) as e:
+    with Engine(smol_f32, n_ctx=256, n_ubatch=8, kv_f32=True, gate=gate) as e:
         toks = e.prompt_tokens("Please list five facts about the planet Mars, in short bullet points "
                                "that a child could follow.")
         assert len(toks) >= 40
@@ -44,12 +50,14 @@ def test_small_ubatches_edit_the_right_positions(smol_f32, hf_smol, positions):
         assert got == reference_greedy(hf_smol, toks, [patch], 16, stop_ids=[2])
 
 
+@pytest.mark.parametrize("gate", ["native", "python"])
 @pytest.mark.parametrize("positions", ["l1", "f2+l2", "all"])
-def test_identity_patch_is_bit_identical(engine_q4, positions):
-    toks = engine_q4.prompt_tokens(PROMPT)
-    base = engine_q4.logits(toks)
+def test_identity_patch_is_bit_identical(engines_q4, positions, gate):
+    engine = engines_q4[gate]
+    toks = engine.prompt_tokens(PROMPT)
+    base = engine.logits(toks)
     for layer in (0, 15, 29):
-        np.testing.assert_array_equal(engine_q4.logits(toks, identity(engine_q4.base, layer, positions)), base)
+        np.testing.assert_array_equal(engine.logits(toks, identity(engine.base, layer, positions)), base)
 
 
 def _constant_vector_patch(base: BaseModel, layer: int, seed: int) -> tuple[Patch, np.ndarray]:
@@ -62,8 +70,10 @@ def _constant_vector_patch(base: BaseModel, layer: int, seed: int) -> tuple[Patc
     return Patch(base, (Intervention(layer, "all", u[None], u[None], [b]),)), b * u
 
 
+@pytest.mark.parametrize("gate", ["native", "python"])
 @pytest.mark.parametrize("layer", [1, 15, 29])
-def test_matches_llama_cpp_control_vector_bit_for_bit(engine_q4, layer):
+def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
+    engine_q4 = engines_q4[gate]
     patch, v = _constant_vector_patch(engine_q4.base, layer, layer)
     toks = engine_q4.prompt_tokens(PROMPT)
     ours = engine_q4.logits(toks, patch)
@@ -120,18 +130,23 @@ def test_patch_for_another_model_is_refused(engine_q4):
         engine_q4.generate(PROMPT, patch=random_patch(other, [(3, "l1", 2)]), max_tokens=1)
 
 
-def test_errors_inside_the_callback_reach_the_caller(engine_q4, monkeypatch):
+@pytest.mark.parametrize("gate", ["native", "python"])
+def test_errors_inside_the_callback_reach_the_caller(engines_q4, gate, monkeypatch):
+    """A job that does not match the tensor llama.cpp hands over is refused (nothing
+    written), reported after llama_decode, and the engine stays usable."""
     from edge_reft.runtime import llamacpp
+    engine = engines_q4[gate]
+    real = llamacpp.plan_jobs
 
-    def boom(h, edits):
-        raise RuntimeError("kaboom")
-    monkeypatch.setattr(llamacpp, "apply_rows", boom)
-    patch = random_patch(engine_q4.base, [(15, "l1", 2)])
-    with pytest.raises(BackendError, match="kaboom"):
-        engine_q4.generate(PROMPT, patch=patch, max_tokens=4, stream=False)
+    def corrupt(*args):
+        return [dataclasses.replace(j, n_rows=j.n_rows + 1) for j in real(*args)]
+    monkeypatch.setattr(llamacpp, "plan_jobs", corrupt)
+    patch = random_patch(engine.base, [(15, "l1", 2)])
+    with pytest.raises(BackendError, match="refusing to write"):
+        engine.generate(PROMPT, patch=patch, max_tokens=4, stream=False)
     monkeypatch.undo()
-    ok = engine_q4.generate(PROMPT, patch=patch, max_tokens=4, stream=False, cache="off")
-    assert ok.tokens == engine_q4.generate(PROMPT, patch=patch, max_tokens=4, stream=False).tokens
+    ok = engine.generate(PROMPT, patch=patch, max_tokens=4, stream=False, cache="off")
+    assert ok.tokens == engine.generate(PROMPT, patch=patch, max_tokens=4, stream=False).tokens
 
 
 @pytest.mark.parametrize("kwargs,match", [

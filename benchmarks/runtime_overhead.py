@@ -1,0 +1,150 @@
+"""Cost of applying patches inside llama.cpp, measured side by side in one process.
+
+    python benchmarks/runtime_overhead.py [--rounds 5] [--model M.gguf]
+
+Every configuration has its own llama.cpp context on the same model file.
+Prefill (256 tokens) is interleaved round by round; decode (128 steps) is
+interleaved step by step: step i of every configuration runs back to back,
+so drift and stalls of a shared, noisy machine hit all of them alike.  The
+ratio column is throughput relative to "no callback", taken as the median of
+the paired per-step (per-round for prefill) time ratios: 1.00 = free.
+Then: patch load + validate + swap latency next to llama.cpp's own LoRA
+adapter init + set (a random LoRA GGUF of the same model, made here).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from common import table
+
+TEXT = ("The history of astronomy is long and rich. Ancient people watched the sky and "
+        "noticed the regular motion of the sun, the moon and the planets. ") * 40
+
+
+def patch_sets(base):
+    from edge_reft.patch import random_patch
+    return {
+        "no patch": None,
+        "prompt-scoped l1 @15 r4": [random_patch(base, [(15, "l1", 4)])],
+        "prompt-scoped f1+l1 @15 r4": [random_patch(base, [(15, "f1+l1", 4)])],
+        "all positions @15 r4": [random_patch(base, [(15, "all", 4)])],
+        "two patches: l1 @10 + all @20": [random_patch(base, [(10, "l1", 4)]),
+                                          random_patch(base, [(20, "all", 4)], seed=1)],
+    }
+
+
+def measure(configs: dict, prompt: list[int], cont: list[int], rounds: int):
+    """configs: name -> (engine, pset).  Returns name -> (prefill times, decode times)."""
+    pre = {k: [] for k in configs}
+    dec = {k: [] for k in configs}
+    n = len(prompt)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (engine, pset) in configs.items():
+            engine._keep(0)
+            t = time.perf_counter()
+            engine._forward(prompt, 0, n, pset)
+            if r:
+                pre[name].append((time.perf_counter() - t) / n)
+        for i, tok in enumerate(cont):
+            for name, (engine, pset) in configs.items():
+                t = time.perf_counter()
+                engine._forward([tok], n + i, n, pset)
+                if r:
+                    dec[name].append(time.perf_counter() - t)
+        print(f"  round {r}/{rounds}", file=sys.stderr)
+    return pre, dec
+
+
+def lora_gguf(path: str, base, rank: int = 8) -> None:
+    """A LoRA adapter on q and v of every block, random weights, in llama.cpp's layout."""
+    import gguf
+    w = gguf.GGUFWriter(path, base.architecture)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    rng = np.random.default_rng(0)
+    d, kv = base.n_embd, 192  # SmolLM2: 3 kv heads x 64
+    for L in range(base.n_layer):
+        for name, n_out in (("attn_q", d), ("attn_v", kv)):
+            w.add_tensor(f"blk.{L}.{name}.weight.lora_a", (rng.standard_normal((rank, d)) * 0.01).astype(np.float32))
+            w.add_tensor(f"blk.{L}.{name}.weight.lora_b", (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def swap_latency(engine, tmp: str, reps: int = 200) -> list[list[object]]:
+    from edge_reft.patch import random_patch
+    from edge_reft.reftfile import load_patch, save_patch
+    from edge_reft.runtime import PatchSet
+    rows = []
+    for spec, label in (([(15, "l1", 4)], "LoReFT r4, 1 layer"),
+                        ([(L, "f1+l1", 8) for L in range(6, 30, 6)], "LoReFT r8, 4 layers")):
+        p = save_patch(random_patch(engine.base, spec), os.path.join(tmp, "p.reft"))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            PatchSet([load_patch(p, model=engine.base)])
+            times.append(time.perf_counter() - t)
+        rows.append([f"{label}: load + validate + swap", os.path.getsize(p),
+                     min(times) * 1e6, float(np.median(times)) * 1e6])
+    lora = os.path.join(tmp, "lora.gguf")
+    lora_gguf(lora, engine.base)
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        engine.native.lora_set(engine.native.lora_init(lora))
+        times.append(time.perf_counter() - t)
+        engine.native.lora_set(None)
+    rows.append(["llama.cpp LoRA r8 q,v, 30 layers: init + set", os.path.getsize(lora),
+                 min(times) * 1e6, float(np.median(times)) * 1e6])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ngl", type=int, default=0, help="layers on the GPU")
+    a = ap.parse_args()
+    from edge_reft.models import default_model
+    from edge_reft.runtime import Engine
+    from edge_reft.runtime.llama_native import load_gate
+    model = a.model or str(default_model())
+    kw = dict(n_ctx=512, n_ubatch=512, n_threads=a.threads, n_gpu_layers=a.ngl)
+    gates = (["native"] if load_gate() else []) + ["python"]
+    none = Engine(model, patches=False, **kw)
+    toks = none._tokenize(TEXT, add_special=False)
+    prompt, cont = toks[:256], toks[256:384]
+    configs = {"no callback": (none, none.patch_set(None))}
+    for g in gates:
+        for name, patches in patch_sets(none.base).items():
+            e = Engine(model, gate=g, **kw)
+            configs[f"{g} gate: {name}"] = (e, e.patch_set(patches))
+    pre, dec = measure(configs, prompt, cont, a.rounds)
+    rows = []
+    for name in configs:
+        p, d = np.array(pre[name]), np.array(dec[name])
+        rp = np.median(np.array(pre["no callback"]) / p)
+        rd = np.median(np.array(dec["no callback"]) / d)
+        rows.append([name, p.min() * 1e3, np.median(p) * 1e3, rp, d.min() * 1e3, np.median(d) * 1e3, rd])
+    print(table(["config", "prefill ms/tok min", "median", "prefill x", "decode ms/tok min", "median",
+                 "decode x"], rows,
+                title=f"\nllama.cpp + edge-reft on {os.path.basename(model)}: prefill {len(prompt)} + decode "
+                f"{len(cont)}, {a.rounds} rounds, {a.threads or os.cpu_count()} threads, ngl {a.ngl} "
+                f"(x = throughput relative to no callback, median of paired ratios)"))
+    with tempfile.TemporaryDirectory() as tmp:
+        print(table(["adapter", "file bytes", "min us", "median us"], swap_latency(none, tmp),
+                    title="\npatch swap latency vs llama.cpp's LoRA adapter"))
+
+
+if __name__ == "__main__":
+    main()
