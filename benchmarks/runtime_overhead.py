@@ -29,13 +29,14 @@ TEXT = ("The history of astronomy is long and rich. Ancient people watched the s
 
 def patch_sets(base):
     from edge_reft.patch import random_patch
+    mid, a, b = base.n_layer // 2, base.n_layer // 3, 2 * base.n_layer // 3
     return {
         "no patch": None,
-        "prompt-scoped l1 @15 r4": [random_patch(base, [(15, "l1", 4)])],
-        "prompt-scoped f1+l1 @15 r4": [random_patch(base, [(15, "f1+l1", 4)])],
-        "all positions @15 r4": [random_patch(base, [(15, "all", 4)])],
-        "two patches: l1 @10 + all @20": [random_patch(base, [(10, "l1", 4)]),
-                                          random_patch(base, [(20, "all", 4)], seed=1)],
+        f"prompt-scoped l1 @{mid} r4": [random_patch(base, [(mid, "l1", 4)])],
+        f"prompt-scoped f1+l1 @{mid} r4": [random_patch(base, [(mid, "f1+l1", 4)])],
+        f"all positions @{mid} r4": [random_patch(base, [(mid, "all", 4)])],
+        f"two patches: l1 @{a} + all @{b}": [random_patch(base, [(a, "l1", 4)]),
+                                             random_patch(base, [(b, "all", 4)], seed=1)],
     }
 
 
@@ -85,8 +86,9 @@ def swap_latency(engine, tmp: str, reps: int = 200) -> list[list[object]]:
     from edge_reft.reftfile import load_patch, save_patch
     from edge_reft.runtime import PatchSet
     rows = []
-    for spec, label in (([(15, "l1", 4)], "LoReFT r4, 1 layer"),
-                        ([(L, "f1+l1", 8) for L in range(6, 30, 6)], "LoReFT r8, 4 layers")):
+    n = engine.base.n_layer
+    for spec, label in (([(n // 2, "l1", 4)], "LoReFT r4, 1 layer"),
+                        ([(L * n // 5, "f1+l1", 8) for L in range(1, 5)], "LoReFT r8, 4 layers")):
         p = save_patch(random_patch(engine.base, spec), os.path.join(tmp, "p.reft"))
         times = []
         for _ in range(reps):
@@ -103,7 +105,7 @@ def swap_latency(engine, tmp: str, reps: int = 200) -> list[list[object]]:
         engine.native.lora_set(engine.native.lora_init(lora))
         times.append(time.perf_counter() - t)
         engine.native.lora_set(None)
-    rows.append(["llama.cpp LoRA r8 q,v, 30 layers: init + set", os.path.getsize(lora),
+    rows.append([f"llama.cpp LoRA r8 q,v, {engine.base.n_layer} layers: init + set", os.path.getsize(lora),
                  min(times) * 1e6, float(np.median(times)) * 1e6])
     return rows
 

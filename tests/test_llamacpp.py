@@ -11,6 +11,7 @@ from edge_reft.errors import BackendError, PatchMismatchError, ReftError
 from edge_reft.hf import reference_greedy, reference_logits
 from edge_reft.patch import BaseModel, Intervention, Patch, identity, random_patch
 from edge_reft.runtime import Engine
+from oracles import constant_vector_patch
 
 PROMPT = "Tell me about the moon and its phases."
 PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 1-8
@@ -60,21 +61,11 @@ def test_identity_patch_is_bit_identical(engines_q4, positions, gate):
         np.testing.assert_array_equal(engine.logits(toks, identity(engine.base, layer, positions)), base)
 
 
-def _constant_vector_patch(base: BaseModel, layer: int, seed: int) -> tuple[Patch, np.ndarray]:
-    """A patch that adds the constant v to every position: R = u (a unit row with
-    entries +-0.5, exact in float32), W = R, b = |v|; so R^T(Wh + b - Rh) = b u = v."""
-    rng = np.random.default_rng(seed)
-    u = np.zeros(base.n_embd, np.float32)
-    u[rng.choice(base.n_embd, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
-    b = np.float32(3.0)
-    return Patch(base, (Intervention(layer, "all", u[None], u[None], [b]),)), b * u
-
-
 @pytest.mark.parametrize("gate", ["native", "python"])
 @pytest.mark.parametrize("layer", [1, 15, 29])
 def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
     engine_q4 = engines_q4[gate]
-    patch, v = _constant_vector_patch(engine_q4.base, layer, layer)
+    patch, v = constant_vector_patch(engine_q4.base, layer, layer)
     toks = engine_q4.prompt_tokens(PROMPT)
     ours = engine_q4.logits(toks, patch)
     engine_q4.native.set_control_vector(v, layer)

@@ -1,0 +1,114 @@
+"""The llama.cpp runtime with the model on a GPU: exactness checks, then overhead tables.
+
+    python benchmarks/gpu/gpu_check.py --model smol8.gguf [--rounds 6]
+
+Run by benchmarks/gpu/run.sh on the device (llama-cpp-python built with CUDA).
+Checks, each printed PASS/FAIL with its numbers:
+  - identity patch: logits bit-identical to no patch, model on the GPU (both gates);
+  - llama.cpp's own control vector vs the equivalent constant patch: bit-identical;
+  - random patches, GPU vs CPU: cosine of the logit change >= 0.99, same argmax;
+  - native gate vs Python callback on the GPU: the same logits to float32 rounding;
+  - n_ubatch 8 on a 40-token prompt: the edits land in the right ubatch.
+Then benchmarks/runtime_overhead.py with the model on the GPU, and on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FAILS: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    if not ok:
+        FAILS.append(name)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rounds", type=int, default=6)
+    a = ap.parse_args()
+    sys.path.insert(0, str(HERE.parent.parent / "tests"))
+    from edge_reft.patch import identity, random_patch
+    from edge_reft.runtime import Engine
+    from oracles import constant_vector_patch
+
+    gpu = {g: Engine(a.model, n_ctx=512, n_gpu_layers=99, gate=g) for g in ("native", "python")}
+    cpu = Engine(a.model, n_ctx=512, n_gpu_layers=0)
+    base = cpu.base
+    last = base.n_layer - 1
+    prompt = gpu["native"].prompt_tokens("Tell me about the moon and its phases.")
+    long = gpu["native"].prompt_tokens("Please list five facts about the planet Mars, in short bullet "
+                                       "points that a child could follow, and explain each one.")
+    print(f"model {a.model}: {base.architecture}, {base.n_layer} blocks, n_embd {base.n_embd}; "
+          f"prompts of {len(prompt)} and {len(long)} tokens")
+
+    for g, e in gpu.items():
+        plain = e.logits(prompt)
+        same = all(np.array_equal(e.logits(prompt, identity(base, L, pos)), plain)
+                   for L in (0, last // 2, last) for pos in ("l1", "f2+l2", "all"))
+        check(f"identity patch bit-identical on the GPU ({g} gate)", same, "layers 0, mid, last x l1, f2+l2, all")
+        for L in (1, last):
+            patch, v = constant_vector_patch(base, L, L)
+            ours = e.logits(prompt, patch)
+            e.native.set_control_vector(v, L)
+            oracle = e.logits(prompt)
+            e.native.set_control_vector(None, L)
+            check(f"constant patch == llama.cpp control vector at layer {L} ({g} gate)",
+                  np.array_equal(ours, oracle), f"max |diff| {np.abs(ours - oracle).max():.3g}")
+
+    specs = [[(last // 2, "l1", 4)], [(1, "f2+l2", 4)], [(last, "all", 2)], [(0, "all", 4), (last // 2, "l1", 8)]]
+    cpu_plain, gpu_plain = cpu.logits(prompt), gpu["native"].logits(prompt)
+    print(f"unpatched GPU vs CPU: max |diff| {np.abs(cpu_plain - gpu_plain).max():.3g}, "
+          f"cosine {cosine(cpu_plain, gpu_plain):.6f}")
+    for spec in specs:
+        patch = random_patch(base, spec, scale=4.0, seed=len(spec) + spec[0][0])
+        eff_cpu = cpu.logits(prompt, patch) - cpu_plain
+        g_native = gpu["native"].logits(prompt, patch)
+        eff_gpu = g_native - gpu_plain
+        c = cosine(eff_cpu, eff_gpu)
+        arg = bool((cpu.logits(prompt, patch).argmax(-1) == g_native.argmax(-1))[-1])
+        check(f"patch {spec}: GPU vs CPU", c >= 0.99 and arg,
+              f"cosine of the logit change {c:.5f}, last-token argmax equal {arg}")
+        # both compute the reference edit to float32 rounding (C loop vs numpy BLAS order);
+        # a quantized model's Q8 activations amplify such differences, hence a cosine here
+        eff_py = gpu["python"].logits(prompt, patch) - gpu_plain
+        c = cosine(eff_gpu, eff_py)
+        check(f"patch {spec}: native gate vs Python callback on the GPU", c >= 0.99,
+              f"cosine of the logit change {c:.5f}, max |diff| {np.abs(eff_gpu - eff_py).max():.3g}")
+
+    with Engine(a.model, n_ctx=256, n_ubatch=8, n_gpu_layers=99) as small:
+        for pos in ("f2+l2", "all"):
+            patch = random_patch(base, [(2, pos, 4), (last, pos, 2)], scale=4.0, seed=9)
+            big = gpu["native"].logits(long, patch) - gpu["native"].logits(long)
+            eff = small.logits(long, patch) - small.logits(long)
+            c = cosine(big, eff)
+            check(f"n_ubatch 8 on {len(long)} tokens, {pos} at layers 2 and {last}", c >= 0.99,
+                  f"cosine of the logit change vs one ubatch {c:.5f}")
+    for e in [*gpu.values(), cpu]:
+        e.close()
+
+    bench = [sys.executable, str(HERE.parent / "runtime_overhead.py"), "--model", a.model,
+             "--rounds", str(a.rounds)]
+    for extra in (["--ngl", "99"], ["--ngl", "0", "--threads", "8"]):
+        print(f"\n$ runtime_overhead.py {' '.join(extra)}", flush=True)
+        subprocess.run(bench + extra, check=True, cwd=HERE.parent, stderr=subprocess.DEVNULL)
+    print(f"\n{len(FAILS)} checks failed" + (f": {FAILS}" if FAILS else ""))
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
