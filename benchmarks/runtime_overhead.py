@@ -121,7 +121,8 @@ def main() -> None:
     from edge_reft.runtime import Engine
     from edge_reft.runtime.llama_native import load_gate
     model = a.model or str(default_model())
-    kw = dict(n_ctx=512, n_ubatch=512, n_threads=a.threads, n_gpu_layers=a.ngl)
+    # with no layer on a GPU, keep every op on the CPU (llama.cpp would ship big batches to one)
+    kw = dict(n_ctx=512, n_ubatch=512, n_threads=a.threads, n_gpu_layers=a.ngl, op_offload=a.ngl > 0)
     gates = (["native"] if load_gate() else []) + ["python"]
     none = Engine(model, patches=False, **kw)
     toks = none._tokenize(TEXT, add_special=False)

@@ -89,7 +89,8 @@ class Native:
 
     def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int, n_threads: int,
                  n_gpu_layers: int, flash_attn: bool, callback: EvalCallback | None,
-                 callback_data: int | None = None, kv_f32: bool = False, verbose: bool = False):
+                 callback_data: int | None = None, kv_f32: bool = False, op_offload: bool = True,
+                 verbose: bool = False):
         check_version()
         quiet_logs(verbose)
         backend_init()
@@ -108,6 +109,7 @@ class Native:
         if kv_f32:  # exact parity with a float32 reference; F16 (the default) halves the cache
             cp.type_k = cp.type_v = GGML_TYPE_F32
         cp.swa_full = True  # sliding-window caches (gemma3) can then be cut back to any position
+        cp.op_offload = op_offload  # llama.cpp's default: big batches of CPU-held layers run on a GPU
         self.callback = callback  # params are copied by value: this reference keeps the thunk alive
         if callback is not None:
             cp.cb_eval = callback

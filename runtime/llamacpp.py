@@ -166,8 +166,8 @@ class LlamaCppEngine(EngineBase):
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 flash_attn: bool = False, kv_f32: bool = False, patches: bool = True,
-                 gate: str = "auto", verbose: bool = False):
+                 flash_attn: bool = False, kv_f32: bool = False, op_offload: bool = True,
+                 patches: bool = True, gate: str = "auto", verbose: bool = False):
         super().__init__()
         path = os.fspath(model) if model is not None else str(default_model())
         if not os.path.isfile(path):
@@ -183,7 +183,7 @@ class LlamaCppEngine(EngineBase):
                                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                callback=self.hook.callback if self.hook else None,
                                callback_data=self.hook.callback_data if self.hook else None,
-                               kv_f32=kv_f32, verbose=verbose)
+                               kv_f32=kv_f32, op_offload=op_offload, verbose=verbose)
         if (self.native.n_embd, self.native.n_layer) != (self.base.n_embd, self.base.n_layer):
             raise BackendError(f"{path}: llama.cpp reports n_embd={self.native.n_embd}, "
                                f"n_layer={self.native.n_layer}; the GGUF metadata says "

@@ -33,7 +33,7 @@ job)
     CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-index --no-deps --no-build-isolation \
     --target $SITE /tmp/llama_cpp_python-0.3.36
   echo "llama-cpp-python with CUDA built in $(( $(date +%s) - t0 )) s"; ls -la $SITE/llama_cpp/lib
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE .
-  python3 -c "from edge_reft.runtime.llama_native import load_gate; assert load_gate(), 'no native gate'"
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $SITE .
+  (cd /tmp && python3 -c "from edge_reft.runtime.llama_native import load_gate; assert load_gate(), 'no native gate'")
   python3 benchmarks/gpu/gpu_check.py --model .gpu/smol8.gguf --rounds "${ROUNDS:-6}" 2>&1 | tee $JOB/report.txt ;;
 esac
