@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ReftError
 
@@ -101,3 +101,57 @@ def _compile(source: str) -> Any:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         t = _CACHE[source] = env.from_string(source)
     return t
+
+
+class Prompter:
+    """Prompts and training examples as token ids, the same way everywhere.
+
+    ``tokenize(text, add_special)`` is the model's tokenizer (special tokens
+    in the text are parsed; ``add_special`` adds a BOS where the model wants
+    one); ``is_end_of_turn(token)`` marks the token that ends an assistant turn.
+    The runtime renders prompts with this, and training renders examples with
+    it, so a patch is trained on exactly the prompts it will be served with.
+    """
+
+    def __init__(self, template: ChatTemplate | None, tokenize: Callable[[str, bool], list[int]],
+                 is_end_of_turn: Callable[[int], bool]):
+        self.template, self.tokenize, self.is_end_of_turn = template, tokenize, is_end_of_turn
+
+    def prompt(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
+               raw: bool = False) -> list[int]:
+        """Tokens of a prompt: through the chat template, or the text as is with ``raw``."""
+        if (prompt is None) == (messages is None):
+            raise ReftError("give exactly one of prompt= or messages=")
+        if raw:
+            if prompt is None:
+                raise ReftError("raw=True takes a prompt string, not messages")
+            toks = self.tokenize(prompt, True)
+        else:
+            msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
+            toks = self.tokenize(self._template().render(msgs, add_generation_prompt=True), False)
+        if not toks:
+            raise ReftError("the prompt is empty (0 tokens); a patch needs prompt tokens to edit")
+        return toks
+
+    def example(self, messages: Sequence[Message], response: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) of one training example: the target is the
+        assistant's reply as the template writes it, up to and including the
+        token that ends the turn (what generation must produce, then stop at)."""
+        prompt = self.prompt(messages=messages)
+        full = self.tokenize(self._template().render(
+            [*messages, {"role": "assistant", "content": response}], add_generation_prompt=False), False)
+        if full[:len(prompt)] != prompt:
+            raise ReftError("chat template: the rendered conversation does not start with the rendered "
+                            "prompt, so the reply cannot be located; train with raw prompts instead")
+        target = full[len(prompt):]
+        end = next((i for i, t in enumerate(target) if self.is_end_of_turn(t)), None)
+        if end is None:
+            raise ReftError("chat template: no end-of-turn token after the reply")
+        if end == 0 and response:
+            raise ReftError("chat template: the reply renders to no tokens")
+        return prompt, target[:end + 1]
+
+    def _template(self) -> ChatTemplate:
+        if self.template is None:
+            raise ReftError("this model has no chat template; use raw prompts (--raw)")
+        return self.template

@@ -44,7 +44,8 @@ class Limits:
     max_array_depth: int = 2          # 1 = arrays of scalars/strings only
     max_kv: int = 1 << 20
     max_tensors: int = 1 << 20
-    tensor_types: Mapping[int, int] | None = None  # ggml type -> bytes per element; None = skip tensor infos
+    # ggml type -> (elements per block, bytes per block); None = do not read tensor infos
+    tensor_types: Mapping[int, tuple[int, int]] | None = None
     strict_utf8: bool = True
     max_trailing_bytes: int | None = None  # bytes allowed after the last tensor's data
 
@@ -266,6 +267,10 @@ def _tensor_infos(cur: _Cursor, n: int, alignment: int, lim: Limits) -> tuple[Te
             raise _Stop(f"tensor {name!r}: ggml type {gtype} is not accepted (allowed: {allowed})")
         if any(d == 0 for d in ne):
             raise _Stop(f"tensor {name!r}: a dimension is 0 ({ne})")
+        block, block_bytes = lim.tensor_types[gtype]
+        if ne[0] % block:
+            raise _Stop(f"tensor {name!r}: {ne[0]} elements per row is not a multiple of the "
+                        f"type's block of {block}")
         nelem = 1
         for d in ne:
             nelem *= d
@@ -273,7 +278,7 @@ def _tensor_infos(cur: _Cursor, n: int, alignment: int, lim: Limits) -> tuple[Te
                 raise _Stop(f"tensor {name!r}: shape {ne} is larger than the file")
         if offset % alignment:
             raise _Stop(f"tensor {name!r}: offset {offset} is not a multiple of {alignment}")
-        raw.append((name, tuple(reversed(ne)), gtype, offset, nelem * lim.tensor_types[gtype]))
+        raw.append((name, tuple(reversed(ne)), gtype, offset, nelem // block * block_bytes))
     data_start = _align(cur.pos, alignment)
     out, spans = [], []
     for name, shape, gtype, offset, nbytes in raw:

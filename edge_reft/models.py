@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from .errors import ReftError
@@ -36,12 +37,16 @@ def default_model() -> Path:
 
 
 def cache_dir() -> Path:
-    """edge-reft's per-user cache folder (EDGE_REFT_CACHE overrides)."""
+    """edge-reft's per-user cache folder (EDGE_REFT_CACHE overrides): ~/.cache/edge-reft
+    (XDG_CACHE_HOME) on Linux, ~/Library/Caches/edge-reft on macOS, %LOCALAPPDATA% on Windows."""
     env = os.environ.get("EDGE_REFT_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edge-reft"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "edge-reft"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "edge-reft" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-reft"
 
 
 def gemma3() -> Path:

@@ -22,7 +22,7 @@ from .positions import PositionRule
 REFT_LIMITS = gs.Limits(
     max_key_bytes=spec.MAX_KEY_BYTES, max_string_bytes=spec.MAX_STRING_BYTES,
     max_array_depth=1, max_kv=spec.MAX_KV, max_tensors=3 * spec.MAX_INTERVENTIONS,
-    tensor_types=spec.DTYPE_BYTES, strict_utf8=True,
+    tensor_types=spec.DTYPE_BLOCKS, strict_utf8=True,
     max_trailing_bytes=spec.GGUF_DEFAULT_ALIGNMENT - 1)
 
 

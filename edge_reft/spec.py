@@ -83,6 +83,7 @@ COMPONENTS = ("block_output",)
 GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
 TENSOR_DTYPES = {GGML_F32: "F32", GGML_F16: "F16", GGML_BF16: "BF16"}
 DTYPE_BYTES = {GGML_F32: 4, GGML_F16: 2, GGML_BF16: 2}
+DTYPE_BLOCKS = {t: (1, n) for t, n in DTYPE_BYTES.items()}  # (elements, bytes) per block
 # unit roundoff of each storage type
 UNIT_ROUNDOFF = {GGML_F32: 2.0 ** -24, GGML_F16: 2.0 ** -11, GGML_BF16: 2.0 ** -8}
 
@@ -106,3 +107,5 @@ MAX_KEY_BYTES = 256
 MAX_STRING_BYTES = 64 * 1024           # any single string value in a patch
 MAX_KV = 64 + 8 * MAX_INTERVENTIONS
 PATCH_SUFFIX = ".reft"
+# a patch's name (a served or pulled patch is NAME.reft): no separators, no leading dot, no ".."
+PATCH_NAME = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"

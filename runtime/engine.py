@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edge_reft.chat import ChatTemplate
+from edge_reft.chat import ChatTemplate, Prompter
 from edge_reft.errors import ReftError
 from edge_reft.patch import BaseModel, Patch
 from edge_reft.positions import reusable_prefix
@@ -143,20 +143,11 @@ class EngineBase:
     def prompt_tokens(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
                       raw: bool = False) -> list[int]:
         """Tokens of a prompt: through the chat template, or the text as is with ``raw``."""
-        if (prompt is None) == (messages is None):
-            raise ReftError("generate: give exactly one of prompt= or messages=")
-        if raw:
-            if prompt is None:
-                raise ReftError("generate: raw=True takes a prompt string, not messages")
-            toks = self._tokenize(prompt, add_special=True)
-        else:
-            if self.chat is None:
-                raise ReftError("this model has no chat template; pass raw=True (--raw)")
-            msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
-            toks = self._tokenize(self.chat.render(msgs, add_generation_prompt=True), add_special=False)
-        if not toks:
-            raise ReftError("generate: the prompt is empty (0 tokens); a patch needs prompt tokens to edit")
-        return toks
+        return self.prompter().prompt(prompt, messages, raw)
+
+    def prompter(self) -> Prompter:
+        """This model's Prompter (the same rendering and tokenization training uses)."""
+        return Prompter(self.chat, self._tokenize, self._is_eog)
 
     # ---- generation ------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -235,12 +226,12 @@ class EngineBase:
         return n
 
     def logits(self, tokens: Sequence[int], patch: PatchLike | Sequence[PatchLike] = None,
-               n_prompt: int | None = None) -> np.ndarray:
-        """Logits at every position of ``tokens`` (n, vocab), the first ``n_prompt`` being
-        the prompt (default: all of them); for scoring, tests and evaluation."""
+               n_prompt: int | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits at every position of ``tokens`` (n, vocab), or only the last (1, vocab); the
+        first ``n_prompt`` tokens are the prompt (default: all).  For scoring and tests."""
         pset = self.patch_set(patch)
         with self._lock:
             self._cache = _Cache()
             self._keep(0)
             return self._forward(list(tokens), 0, len(tokens) if n_prompt is None else n_prompt,
-                                 pset, all_logits=True)
+                                 pset, all_logits=not last_only)

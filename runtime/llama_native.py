@@ -84,6 +84,55 @@ def backend_init() -> None:
 EvalCallback = C.ggml_backend_sched_eval_callback  # bool (*)(struct ggml_tensor *, bool ask, void *)
 
 
+class Vocab:
+    """A model's tokenizer, as llama.cpp runs it (the runtime and training share it)."""
+
+    def __init__(self, ptr: int, close: object = None):
+        self.ptr = ptr
+        self.n_tokens = C.llama_vocab_n_tokens(ptr)
+        self._close = close
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Vocab":
+        """Only the vocabulary of a GGUF model (no weights): for tokenizing training data."""
+        check_version()
+        quiet_logs(False)
+        backend_init()
+        mp = C.llama_model_default_params()
+        mp.vocab_only = True
+        model = C.llama_model_load_from_file(os.fsencode(path), mp)
+        if not model:
+            raise BackendError(f"{path}: llama.cpp could not read this model's vocabulary")
+        return cls(C.llama_model_get_vocab(model), lambda: C.llama_model_free(model))
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self.ptr, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self.ptr, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.ptr, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.ptr, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.ptr, token))
+
+
 class Native:
     """A model, its context and a batch; released together by ``close``."""
 
@@ -118,9 +167,9 @@ class Native:
         if not self.ctx:
             raise BackendError(f"{path}: llama.cpp could not create a context (n_ctx={n_ctx})")
         self._stack.callback(C.llama_free, self.ctx)
-        self.vocab = C.llama_model_get_vocab(self.model)
+        self.vocab = Vocab(C.llama_model_get_vocab(self.model))
         self.memory = C.llama_get_memory(self.ctx)
-        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.n_vocab = self.vocab.n_tokens
         self.n_embd = C.llama_model_n_embd(self.model)
         self.n_layer = C.llama_model_n_layer(self.model)
         self.n_ctx = C.llama_n_ctx(self.ctx)
@@ -164,32 +213,6 @@ class Native:
             C.llama_memory_clear(self.memory, True)
             return True
         return bool(C.llama_memory_seq_rm(self.memory, 0, n, -1))
-
-    # ---- vocabulary -----------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        raw = text.encode("utf-8")
-        cap = len(raw) + 8
-        buf = (C.llama_token * cap)()
-        n = C.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (C.llama_token * cap)()
-            n = C.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
-    def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
-
-    def add_bos(self) -> bool:
-        return bool(C.llama_vocab_get_add_bos(self.vocab))
 
     # ---- llama.cpp's own adapters (oracle tests, benchmarks) ---------------------------
     def set_control_vector(self, vector: np.ndarray | None, layer: int) -> None:

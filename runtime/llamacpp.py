@@ -196,13 +196,13 @@ class LlamaCppEngine(EngineBase):
             self.hook.close()
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self.native.tokenize(text, add_special=add_special, parse_special=True)
+        return self.native.vocab.tokenize(text, add_special)
 
     def _piece(self, token: int) -> bytes:
-        return self.native.piece(token)
+        return self.native.vocab.piece(token)
 
     def _is_eog(self, token: int) -> bool:
-        return self.native.is_eog(token)
+        return self.native.vocab.is_eog(token)
 
     def _keep(self, n: int) -> bool:
         return self.native.keep(n)

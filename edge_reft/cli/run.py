@@ -13,7 +13,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("model", nargs="?", help="a .gguf (llama.cpp) or an export-onnx folder; "
                     "default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--patch", action="append", default=[], metavar="P",
-                    help="a .reft patch (repeat to stack patches; applied in the order given)")
+                    help="a .reft file or the name of a pulled patch (repeat to stack; applied in order)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("-p", "--prompt", help="the user message (goes through the chat template)")
     src.add_argument("--chat", action="store_true", help="interactive conversation")
@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         opts.update(n_gpu_layers=a.ngl, verbose=a.verbose)
     t0 = time.perf_counter()
     engine = Engine(a.model, backend=backend, **opts)
-    patches = [engine.load_patch(p, allow_mismatch=a.allow_mismatch) for p in a.patch]
+    from edge_reft.pull import resolve
+    patches = [engine.load_patch(resolve(p), allow_mismatch=a.allow_mismatch) for p in a.patch]
     pset = engine.patch_set(patches, allow_mismatch=a.allow_mismatch)
     print(f"[edge-reft] {engine.base.name or engine.base.architecture}: loaded in "
           f"{time.perf_counter() - t0:.2f} s; patches: {', '.join(a.patch) or 'none'}", file=sys.stderr)

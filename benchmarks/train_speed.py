@@ -1,0 +1,171 @@
+"""Training speed: edge-reft's cached steps vs a pyreft-style loop, side by side.
+
+    python benchmarks/train_speed.py [--examples 436] [--epochs 3]
+
+Same backbone (SmolLM2's own Q4_1 blocks), data (SST-2, train half), batch
+size, steps and learning rate.  The pyreft-style loop runs every step over
+the whole sequence and the whole model, with a hook at the layer and R
+parametrized by torch's orthogonal parametrization on a d x r matrix (what
+pyreft's LowRankRotateLayer does); edge-reft builds its prefix cache once
+(counted in its time) and runs only what the patch can change, with the QR
+map.  Each method runs in its own process, so peak RSS is its own.  Both
+patches are then scored on the test half through llama.cpp (log-prob of
+"positive" vs "negative"), to show the speed costs no accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import table
+
+HERE = Path(__file__).resolve().parent
+
+
+class PyreftStyle:
+    """pyreft's LoReFT module: R^T through torch's orthogonal parametrization, W and b a Linear."""
+
+    def __init__(self, d: int, r: int, seed: int):
+        import torch
+        torch.manual_seed(seed)
+        rot = torch.nn.Linear(d, r, bias=False)  # weight (r, d); pyreft keeps (d, r): same map, transposed
+        torch.nn.init.orthogonal_(rot.weight)
+        self.rotate = torch.nn.utils.parametrizations.orthogonal(rot)
+        self.source = torch.nn.Linear(d, r)
+        with torch.no_grad():  # start from the identity edit, like edge-reft
+            self.source.weight.copy_(self.rotate.weight)
+            self.source.bias.zero_()
+
+    def parameters(self):
+        return list(self.rotate.parameters()) + list(self.source.parameters())
+
+    def edit(self, h):
+        r = self.rotate.weight  # (r, d), orthonormal rows
+        return h + (self.source(h) - h @ r.T) @ r
+
+    def to_patch(self, base, layer, positions):
+        from edge_reft.patch import Intervention, Patch
+        import torch
+        with torch.no_grad():  # the parametrization's output is orthonormal to float32 precision
+            return Patch(base, (Intervention(layer, positions, self.rotate.weight.numpy(),
+                                             self.source.weight.numpy(), self.source.bias.numpy()),),
+                         "pyreft-style")
+
+
+def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs: int, bs: int,
+           out: str) -> dict:
+    import numpy as np
+    import torch
+    from edge_reft.dataset import encode, prompter_for, read_jsonl
+    from edge_reft.models import default_model
+    from edge_reft.reftfile import save_patch
+    from edge_reft.train import TrainConfig, Trainer, load_backbone
+    from edge_reft.train.prefix import pad_batch
+    from edge_reft.train.trainer import logits
+    model_path = default_model()
+    prompter, close = prompter_for(model_path)
+    examples = encode(read_jsonl(data), prompter)
+    close()
+    bb = load_backbone(model_path)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cfg = TrainConfig(layers=(layer,), rank=rank, positions=positions, epochs=epochs, batch_size=bs)
+    t = Trainer(bb.model, examples, cfg, bb.base.n_embd)
+    t0 = time.perf_counter()
+    if method == "edge-reft":
+        t.prepare()
+        t_prep = time.perf_counter() - t0
+        t.run()
+        patch = t.reft.to_patch(bb.base, "edge-reft")
+    else:
+        t_prep = 0.0
+        mod = PyreftStyle(bb.base.n_embd, rank, seed=0)
+        opt = torch.optim.AdamW(mod.parameters(), lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / t.total))
+        rule = cfg.specs()[0].rule
+        layer_mod = bb.model.model.layers[layer]
+        state = {}
+
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            return torch.where(state["mask"][..., None], mod.edit(h), h)
+        handle = layer_mod.register_forward_hook(hook)
+        for idx in t.batches():
+            exs = [examples[i] for i in idx]
+            ids, mask = pad_batch([e.tokens for e in exs])
+            m = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, e in enumerate(exs):
+                sel = np.arange(len(e.tokens)) if rule.all else rule.select(len(e.prompt))
+                m[i, torch.from_numpy(sel)] = True
+            state["mask"] = m
+            hidden = bb.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows = torch.cat([hidden[i, len(e.prompt) - 1:len(e.tokens) - 1] for i, e in enumerate(exs)])
+            tgt = torch.tensor([tok for e in exs for tok in e.target])
+            loss = torch.nn.functional.cross_entropy(logits(bb.model, rows), tgt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        handle.remove()
+        patch = mod.to_patch(bb.base, layer, positions)
+    wall = time.perf_counter() - t0
+    save_patch(patch, out)
+    return {"wall": wall, "prep": t_prep, "steps": t.total, "rss_loaded_mb": rss_loaded,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def accuracy(patch_path: str | None, records: list[dict]) -> float:
+    sys.path.insert(0, str(HERE))
+    from sst2_scoring import score
+    return score(patch_path, records)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=436)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--score-examples", type=int, default=200, help="test examples scored per patch")
+    ap.add_argument("--worker", nargs=4, metavar=("METHOD", "LAYER", "POSITIONS", "RANK"))
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        method, layer, positions, rank = a.worker
+        print(json.dumps(worker(method, int(layer), positions, int(rank), a.data, a.epochs, a.batch_size, a.out)))
+        return
+    from edge_reft.tasks import sst2_records, write_jsonl
+    tmp = Path(tempfile.mkdtemp(prefix="train-speed-"))
+    data = write_jsonl(sst2_records("train", a.examples), tmp / "train.jsonl")
+    test = sst2_records("test")[:a.score_examples]
+    rows, results = [], {}
+    for positions in ("l1", "f1+l1"):
+        for method in ("pyreft-style", "edge-reft"):
+            out = tmp / f"{method}-{positions}.reft"
+            cmd = [sys.executable, __file__, "--worker", method, "15", positions, "4", "--data", str(data),
+                   "--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
+            print(f"$ {method} {positions}", file=sys.stderr, flush=True)
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            r["acc"] = accuracy(str(out), test)
+            results[(method, positions)] = r
+        base = results[("pyreft-style", positions)]
+        for method in ("pyreft-style", "edge-reft"):
+            r = results[(method, positions)]
+            rows.append([f"{method}, {positions} @15 r4", r["steps"], r["wall"], r["wall"] / a.epochs,
+                         base["wall"] / r["wall"], r["prep"], r["rss_loaded_mb"], r["rss_peak_mb"],
+                         r["rss_peak_mb"] - r["rss_loaded_mb"], r["acc"]])
+    print(table(["method", "steps", "wall s", "s/epoch", "speed-up", "of which cache s", "RSS loaded MB",
+                 "peak MB", "peak - loaded", "test acc"], rows,
+                title=f"\nSST-2 ({a.examples} train examples, {a.epochs} epochs, batch {a.batch_size}) on "
+                      f"SmolLM2-135M's Q4_1 blocks, {os.cpu_count()} CPU threads; accuracy on {len(test)} "
+                      "test examples through llama.cpp"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,586 @@
+"""pyreft checkpoints to `.reft` patches and back, without pyreft, pyvene or torch.
+
+A pyreft save folder (``ReftModel.save``) holds ``config.json`` and one
+``intkey_<key>.bin`` per intervention; a trainer checkpoint's
+``intervenable_model/`` holds the same files without config.json (keys then
+come from the file names).  A key names the layer, component and a counter:
+``layer_15_comp_block_output_unit_pos_nunit_1#0`` (pyvene >= 0.1.7) or
+``layer.15.comp.block_output.unit.pos.nunit.1#0`` (earlier).
+
+What converts (pyreft's forward -> the `.reft` tensors, values kept exactly):
+
+- LoReFT  h + (W h + b - R h) R^T; state {weight W [r,d], bias b [r],
+  rotate_layer [d,r] = R^T} -> ``loreft``: rotate = R, weight = W, bias = b.
+- NoReFT  h + (W1 h + b1 - (W2 h + b2)) W2; state {proj_layer.weight W2,
+  [proj_layer.bias b2], learned_source.weight W1, learned_source.bias b1}
+  -> ``noreft``: rotate = W2, weight = W1, bias = b1 - b2.
+
+ConsReFT, LobiReFT, DiReFT and NodiReFT are refused by name, and so is every
+component but ``block_output`` of a plain (not PEFT-wrapped) model.
+config.json stores neither the positions, nor share_weights, nor act_fn: the
+caller gives the first two, and the activation is pyreft's reload default,
+the identity (nothing in the files can say otherwise; config.json's
+``act_fn``, if some fork writes one, must be absent or ``linear``).  Class
+names in config.json are matched as text; nothing named there is imported.
+
+Positions.  Untied ``f<N>+l<M>`` (no share_weights) trains two interventions
+per layer, #0 on the first N prompt tokens and #1 on the last M; they become
+two interventions with rules ``f<N>`` and ``l<M>``.  The one gap: pyreft caps
+each of the two windows at floor(n/2) for a prompt of n tokens, while a
+single-window rule caps at n, so on prompts shorter than 2*max(N, M) the
+converted patch edits up to min(N, n) (resp. min(M, n)) positions where pyreft
+edits min(N, floor(n/2)).  Tied f+l (``share_weights``) keeps pyreft's rule; a single
+window differs from pyreft on short prompts in the same way everywhere in edge-reft (FORMAT.md).
+
+The ``.bin`` files are torch pickles.  ``read_state_dict`` reads them with a
+restricted unpickler: an allowlist of opcodes and of four kinds of globals
+(OrderedDict, _rebuild_tensor_v2, _rebuild_parameter, the typed storage
+classes); every other global is refused by name; storages come from the
+archive's ``data/<key>`` entries, every size and stride bounded by their
+bytes.  It needs no torch; ``to_pyreft`` (the reverse) does.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import pickletools
+import re
+import shutil
+import tempfile
+import zipfile
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_reft import spec
+from edge_reft.errors import ReftError, ReftFormatError
+from edge_reft.fingerprint import base_model
+from edge_reft.patch import BaseModel, Intervention, Patch
+from edge_reft.positions import PositionRule
+from edge_reft.reftfile import decode_tensor, load_patch, save_patch
+
+MAX_ARCHIVE_BYTES = 256 << 20  # one intervention of a 16k-wide model at rank 256 is 48 MiB
+MAX_PICKLE_BYTES = 1 << 20     # a state dict's data.pkl is a few hundred bytes
+MAX_CONFIG_BYTES = 4 << 20
+VIEW_FACTOR = 4                # tensors may copy out at most 4x the elements of the storage they view
+
+# ---- torch.save archives, read without torch --------------------------------------------
+
+# torch typed storage class -> (numpy type of its raw bytes, torch dtype name)
+STORAGES = {"FloatStorage": ("<f4", "float32"), "DoubleStorage": ("<f8", "float64"),
+            "HalfStorage": ("<f2", "float16"), "BFloat16Storage": ("<u2", "bfloat16"),
+            "LongStorage": ("<i8", "int64"), "IntStorage": ("<i4", "int32"),
+            "ShortStorage": ("<i2", "int16"), "CharStorage": ("i1", "int8"),
+            "ByteStorage": ("u1", "uint8"), "BoolStorage": ("?", "bool")}
+FLOATING = ("float32", "float64", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, eq=False)
+class StoredTensor:
+    """A tensor of a torch archive: values (float32 for every floating dtype) and torch dtype."""
+    values: np.ndarray
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _StorageClass:  # what GLOBAL torch.FloatStorage & co. load as: a name, not callable
+    name: str
+
+
+@dataclass(eq=False)
+class _Storage:
+    key: str
+    dtype: str
+    items: np.ndarray  # the raw elements (bfloat16 as uint16)
+    viewed: int = 0    # elements copied out by the tensors that view it
+
+
+class _Refused(Exception):
+    pass
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    hooks: Any = None, metadata: Any = None) -> StoredTensor:
+    """torch._utils._rebuild_tensor_v2, bounded by the storage it views."""
+    if not isinstance(storage, _Storage):
+        raise _Refused(f"_rebuild_tensor_v2: argument 1 is {type(storage).__name__}, expected a storage")
+    dims_ok = (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= 8
+               and all(_is_int(v) and v >= 0 for v in size + stride))
+    if not (dims_ok and _is_int(offset) and offset >= 0):
+        raise _Refused(f"_rebuild_tensor_v2: offset {offset!r:.40}, size {size!r:.80}, stride "
+                       f"{stride!r:.80}: expected non-negative integers, one stride per dimension")
+    numel, have = math.prod(size), storage.items.size
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if numel and (last >= have or numel > have):
+        raise _Refused(f"tensor of size {size} (offset {offset}, stride {stride}) does not fit its "
+                       f"storage of {have} elements")
+    storage.viewed += numel
+    if storage.viewed > VIEW_FACTOR * have:  # many views of one storage: a memory bomb
+        raise _Refused(f"storage {storage.key!r}: its tensors copy more than {VIEW_FACTOR}x its "
+                       f"{have} elements")
+    it = storage.items.itemsize
+    raw = np.lib.stride_tricks.as_strided(storage.items[offset:] if numel else storage.items[:0],
+                                          size, tuple(s * it for s in stride), writeable=False).copy()
+    if storage.dtype == "bfloat16":
+        raw = decode_tensor(raw.tobytes(), spec.GGML_BF16, size)
+    elif storage.dtype in FLOATING:
+        raw = raw.astype(np.float32)
+    return StoredTensor(raw, storage.dtype)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None) -> StoredTensor:
+    if not isinstance(data, StoredTensor):
+        raise _Refused(f"_rebuild_parameter: argument 1 is {type(data).__name__}, expected a tensor")
+    return data
+
+
+GLOBALS = {("collections", "OrderedDict"): OrderedDict,
+           ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+           ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
+GLOBALS.update({("torch", name): _StorageClass(name) for name in STORAGES})
+_OPNAME = {ord(op.code): op.name for op in pickletools.opcodes}
+# what torch.save writes for a state dict (any protocol); no INST/OBJ/NEWOBJ/EXT*
+OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE",
+           "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE",
+           "SHORT_BINUNICODE", "BINBYTES", "SHORT_BINBYTES", "EMPTY_TUPLE", "TUPLE", "TUPLE1",
+           "TUPLE2", "TUPLE3", "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM",
+           "SETITEMS", "BINPUT", "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "GLOBAL",
+           "STACK_GLOBAL", "BINPERSID", "REDUCE", "BUILD"}
+
+
+class _Dispatch(dict):
+    def __missing__(self, code: int) -> Any:
+        raise _Refused(f"pickle opcode {_OPNAME.get(code, hex(code))} is not allowed in a state dict")
+
+
+def _build(u: "_SafeUnpickler") -> None:
+    """BUILD only as nn.Module.state_dict() uses it: ``_metadata`` on the OrderedDict (dropped)."""
+    state = u.stack.pop()
+    if type(u.stack[-1]) is not OrderedDict or not isinstance(state, dict):
+        raise _Refused(f"BUILD on a {type(u.stack[-1]).__name__}: only a state dict's metadata is allowed")
+
+
+class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode table can be narrowed
+    dispatch = _Dispatch({c: f for c, f in pickle._Unpickler.dispatch.items() if _OPNAME.get(c) in OPCODES})
+    dispatch[pickle.BUILD[0]] = _build
+
+    def __init__(self, zf: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(zf.read(prefix + "data.pkl")))
+        self.zf, self.prefix, self.storages = zf, prefix, {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"refused global {module}.{name}: a state dict holds only OrderedDict, "
+                           "tensors and storages (this file may be malicious)")
+        return found
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageClass) and isinstance(pid[2], str) and _is_int(pid[4])):
+            raise _Refused(f"persistent id {pid!r:.100}: expected ('storage', <storage class>, key, "
+                           "location, numel)")
+        _, cls, key, _location, numel = pid
+        if key not in self.storages:
+            np_type, dtype = STORAGES[cls.name]
+            name = f"{self.prefix}data/{key}"
+            try:
+                entry = self.zf.getinfo(name)
+            except KeyError:
+                raise _Refused(f"storage {key!r}: the archive has no entry {name}") from None
+            need = numel * np.dtype(np_type).itemsize
+            if numel < 0 or need != entry.file_size:
+                raise _Refused(f"storage {key!r}: {numel} elements of {cls.name} need {need} bytes, "
+                               f"data/{key} holds {entry.file_size}")
+            self.storages[key] = _Storage(key, dtype, np.frombuffer(self.zf.read(entry), np_type))
+        elif self.storages[key].dtype != STORAGES[cls.name][1]:
+            raise _Refused(f"storage {key!r}: read as {self.storages[key].dtype} and as {cls.name}")
+        return self.storages[key]
+
+
+def _archive_prefix(zf: zipfile.ZipFile) -> str:
+    pkls = [i.filename for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+    if len(pkls) != 1:
+        raise _Refused(f"{len(pkls)} <archive>/data.pkl entries, expected 1 (not a torch.save file?)")
+    for i in zf.infolist():  # torch.save stores entries uncompressed: sizes are bytes on disk
+        if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size:
+            raise _Refused(f"{i.filename}: compressed zip entry (torch.save writes stored entries)")
+    prefix = pkls[0][:-len("data.pkl")]
+    if zf.getinfo(pkls[0]).file_size > MAX_PICKLE_BYTES:
+        raise _Refused(f"data.pkl: larger than {MAX_PICKLE_BYTES} bytes")
+    if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder") != b"little":
+        raise _Refused("byteorder: big-endian archives are not supported")
+    return prefix
+
+
+def _open_archive(path: Path, max_bytes: int) -> zipfile.ZipFile:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ReftFormatError(path, f"file: cannot be read ({e.strerror or e})") from None
+    if size > max_bytes:
+        raise ReftFormatError(path, f"file: {size} bytes, more than the limit of {max_bytes}")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ReftFormatError(path, f"file: not a readable torch.save zip archive ({e}); the legacy "
+                                    "pre-1.6 torch format is not supported") from None
+
+
+def read_state_dict(path: str | os.PathLike[str], max_bytes: int = MAX_ARCHIVE_BYTES) -> dict[str, StoredTensor]:
+    """The state dict of a ``torch.save`` file, read without torch and without running its code."""
+    p = Path(path)
+    with _open_archive(p, max_bytes) as zf:
+        try:
+            state = _SafeUnpickler(zf, _archive_prefix(zf)).load()
+        except _Refused as e:
+            raise ReftFormatError(p, str(e)) from None
+        except Exception as e:  # a malformed archive or pickle: any failure is the file's
+            raise ReftFormatError(p, f"unreadable archive ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, StoredTensor) for k, v in state.items()):
+        raise ReftFormatError(p, f"data.pkl: a {type(state).__name__} that is not a state dict "
+                                 "(names -> tensors)")
+    return dict(state)
+
+
+def archive_storage_count(path: Path) -> int:
+    """How many tensor storages a torch.save archive holds (read from its listing only)."""
+    with _open_archive(path, 1 << 62) as zf:
+        return sum(1 for n in zf.namelist() if re.search(r"/data/[0-9]+$", n))
+
+
+# ---- pyreft folders ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PyreftKey:
+    """One intervention key of pyvene: ``layer_15_comp_block_output_unit_pos_nunit_1#0``."""
+    text: str
+    layer: int
+    component: str
+    unit: str
+    nunit: int
+    index: int  # pyvene's collision counter: #0, #1 for a layer listed twice
+
+
+_KEYS = (re.compile(r"layer_(\d{1,6})_comp_(.+?)_unit_(.+?)_nunit_(\d{1,6})#(\d{1,6})"),       # pyvene >= 0.1.7
+         re.compile(r"layer\.(\d{1,6})\.comp\.(.+?)\.unit\.(.+?)\.nunit\.(\d{1,6})#(\d{1,6})"))  # earlier
+
+
+def parse_key(text: str) -> PyreftKey:
+    for pattern in _KEYS:
+        m = pattern.fullmatch(text)
+        if m:
+            key = PyreftKey(text, int(m[1]), m[2], m[3], int(m[4]), int(m[5]))
+            if key.component != "block_output":
+                raise ReftError(f"key {text!r}: component {key.component!r} cannot be converted "
+                                "(a .reft patch edits block_output, the residual stream after a block)")
+            if key.unit != "pos" or key.nunit != 1:
+                raise ReftError(f"key {text!r}: unit {key.unit!r} x {key.nunit}, expected 'pos' x 1")
+            return key
+    hint = (" (a module-path component: a PEFT-wrapped or custom model, not block_output)"
+            if text.startswith("comp") else "")
+    raise ReftError(f"key {text!r}: not a pyvene key like 'layer_15_comp_block_output_unit_pos_"
+                    f"nunit_1#0'{hint}")
+
+
+PYREFT_CLASSES = {"LoreftIntervention": "loreft", "NoreftIntervention": "noreft"}
+REFUSED_CLASSES = {"ConsreftIntervention": "ConsReFT", "LobireftIntervention": "LobiReFT",
+                   "DireftIntervention": "DiReFT", "NodireftIntervention": "NodiReFT"}
+LOREFT_KEYS = {"weight", "bias", "rotate_layer"}
+NOREFT_KEYS = {"proj_layer.weight", "learned_source.weight", "learned_source.bias"}
+BUFFERS = {"embed_dim", "interchange_dim"}  # nn.Module.state_dict() of pyreft's other classes
+
+
+def _type_from_class(text: Any) -> str:
+    """'loreft' / 'noreft' from config.json's "<class 'pyreft.interventions.X'>" (never imported)."""
+    m = re.fullmatch(r"<class 'pyreft\.interventions\.(\w+)'>", text) if isinstance(text, str) else None
+    if m and m[1] in PYREFT_CLASSES:
+        return PYREFT_CLASSES[m[1]]
+    if m and m[1] in REFUSED_CLASSES:
+        raise ReftError(f"intervention type {REFUSED_CLASSES[m[1]]} ({text}) cannot be converted: "
+                        "a .reft patch holds LoReFT and NoReFT interventions")
+    raise ReftError(f"intervention type {text!r:.120} is not a pyreft LoreftIntervention or "
+                    "NoreftIntervention")
+
+
+def _type_from_tensors(state: dict[str, StoredTensor]) -> str:
+    """'loreft', or 'noreft|nodireft' (same tensors), from the state dict's names."""
+    names = set(state) - BUFFERS
+    if names == LOREFT_KEYS:
+        return "loreft"
+    if NOREFT_KEYS <= names <= NOREFT_KEYS | {"proj_layer.bias"}:
+        return "noreft|nodireft"
+    if "rotate_layer.parametrizations.weight.original" in names:
+        kind = "DiReFT" if "learned_source.weight" in names else "ConsReFT or LobiReFT"
+        raise ReftError(f"tensors {sorted(names)} are those of a {kind} intervention, which cannot "
+                        "be converted (a .reft patch holds LoReFT and NoReFT interventions)")
+    raise ReftError(f"tensors {sorted(state)}: not a pyreft LoReFT ({sorted(LOREFT_KEYS)}) or "
+                    f"NoReFT ({sorted(NOREFT_KEYS)}) state dict")
+
+
+def _tensors(state: dict[str, StoredTensor], itype: str,
+             n_embd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(R, W, b, storage dtype) of one intervention, every shape checked against n_embd."""
+    if itype == "loreft":
+        roles = {"weight": "rd", "bias": "r", "rotate_layer": "dr"}
+    else:
+        roles = {"learned_source.weight": "rd", "learned_source.bias": "r", "proj_layer.weight": "rd"}
+        roles.update({"proj_layer.bias": "r"} if "proj_layer.bias" in state else {})
+    w = next(iter(roles))
+    if state[w].values.ndim != 2:
+        raise ReftError(f"{w}: shape {state[w].values.shape}, expected (rank, n_embd)")
+    r, d = state[w].values.shape
+    if d != n_embd:
+        raise ReftError(f"{w}: shape {(r, d)}: hidden size {d}, but the base model has n_embd "
+                        f"{n_embd} (was this checkpoint trained on another model?)")
+    problems = []
+    for name, dims in roles.items():
+        want, t = tuple({"r": r, "d": d}[c] for c in dims), state[name]
+        if t.dtype not in FLOATING:
+            problems.append(f"{name}: {t.dtype} tensor, expected floating point")
+        elif t.values.shape != want:
+            problems.append(f"{name}: shape {t.values.shape}, expected {want} (rank {r}, n_embd {d})")
+    if problems:
+        raise ReftError("; ".join(problems))
+    dtypes = {state[n].dtype for n in roles}
+    if itype == "loreft":
+        rot, weight, bias = state["rotate_layer"].values.T, state["weight"].values, state["bias"].values
+    else:
+        rot, weight = state["proj_layer.weight"].values, state["learned_source.weight"].values
+        bias = state["learned_source.bias"].values
+        if "proj_layer.bias" in state:  # W1 h + b1 - (W2 h + b2): one bias b1 - b2, float32
+            bias, dtypes = bias - state["proj_layer.bias"].values, {"float32"}
+    # a patch stores 16-bit values losslessly only when all three are of that one type
+    dtype = {"bfloat16": spec.GGML_BF16, "float16": spec.GGML_F16}.get(dtypes.pop(), spec.GGML_F32) \
+        if len(dtypes) == 1 else spec.GGML_F32
+    return rot, weight, bias, dtype
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ReftFormatError(path, f"file: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ReftFormatError(path, "file: expected a JSON object (pyvene's IntervenableConfig)")
+    return config
+
+
+def _keys_and_types(folder: Path, config: dict[str, Any] | None,
+                    problems: list[str]) -> list[tuple[str, str | None]]:
+    """(key, intervention type or None) in pyvene's order: config.json's, else (#n, layer)."""
+    files = sorted(p.name[len("intkey_"):-len(".bin")] for p in folder.glob("intkey_*.bin"))
+    if config is None or not isinstance(config.get("sorted_keys"), list):
+        def order(k: str) -> tuple[int, int]:
+            try:
+                key = parse_key(k)
+            except ReftError:
+                return (1 << 30, 0)  # reported when the file is read
+            return (key.index, key.layer)
+        return [(k, None) for k in sorted(files, key=order)]
+    where = f"{folder / 'config.json'}"
+    keys, types = config["sorted_keys"], config.get("intervention_types")
+    if not isinstance(types, list) or len(types) != len(keys):
+        problems.append(f"{where}: intervention_types: expected one per sorted_keys entry ({len(keys)})")
+        types = [None] * len(keys)
+    if config.get("act_fn") not in (None, "linear"):
+        problems.append(f"{where}: act_fn: {config['act_fn']!r}; only the identity ('linear') converts")
+    problems += [f"{folder / f'intkey_{k}.bin'}: not listed in config.json's sorted_keys"
+                 for k in files if k not in keys]
+    out = []
+    for k, t in zip(keys, types):
+        try:
+            out.append((str(k), None if t is None else _type_from_class(t)))
+        except ReftError as e:
+            problems.append(f"{where}: {k}: {e}")
+    return out
+
+
+def _rules(keys: list[PyreftKey], rule: PositionRule, share_weights: bool) -> list[PositionRule]:
+    """Each intervention's rule: pyreft's one setting, split into f and l when untied."""
+    untied = bool(rule.first and rule.last and not share_weights)
+    per_layer: dict[int, list[int]] = {}
+    for k in keys:
+        per_layer.setdefault(k.layer, []).append(k.index)
+    want = [0, 1] if untied else [0]
+    for layer, found in sorted(per_layer.items()):
+        if sorted(found) == want:
+            continue
+        if untied:
+            hint = f"untied {rule} (no --share-weights) trains two per layer: #0 first, #1 last tokens"
+        elif sorted(found) == [0, 1]:
+            hint = "pyreft trains two per layer for untied f<N>+l<M>: pass those --positions, no --share-weights"
+        else:
+            hint = "expected one per layer"
+        raise ReftError(f"layer {layer} has interventions {', '.join(f'#{i}' for i in sorted(found))}; {hint}")
+    if not untied:
+        return [rule] * len(keys)
+    return [PositionRule(first=rule.first) if k.index == 0 else PositionRule(last=rule.last) for k in keys]
+
+
+def find_checkpoint(folder: str | os.PathLike[str]) -> Path:
+    """The folder that holds the intkey files: ``folder`` or its ``intervenable_model/``."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise ReftError(f"{d}: not a folder (expected a pyreft save folder with intkey_*.bin files)")
+    if not any(d.glob("intkey_*.bin")) and (d / "intervenable_model").is_dir():
+        d = d / "intervenable_model"
+    if not any(d.glob("intkey_*.bin")):
+        raise ReftError(f"{d}: no intkey_*.bin files (expected a folder written by ReftModel.save "
+                        "or a trainer checkpoint's intervenable_model/)")
+    return d
+
+
+def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str, share_weights: bool = False,
+                *, name: str = "", intervention_type: str | None = None) -> Patch:
+    """A Patch from a pyreft checkpoint folder; every problem found is reported in one error."""
+    rule = PositionRule.parse(positions)
+    d = find_checkpoint(folder)
+    config, problems = _read_config(d), []
+    listed = _keys_and_types(d, config, problems)
+    model_bin = d / "pytorch_model.bin"
+    if model_bin.is_file() and archive_storage_count(model_bin):
+        problems.append(f"{model_bin}: holds trained model weights (LoRA?): a .reft patch carries "
+                        "only the interventions, so converting would drop them")
+    keys, found = [], []
+    for text, config_type in listed:
+        path = d / f"intkey_{text}.bin"
+        try:
+            key = parse_key(text)
+            if key.layer >= base.n_layer:
+                raise ReftError(f"layer {key.layer}: the base model has blocks 0..{base.n_layer - 1}")
+            if not path.is_file():
+                raise ReftError("file missing (listed in config.json's sorted_keys)")
+            state = read_state_dict(path)
+            itype = _type_from_tensors(state)
+            itype = _resolve_type(itype, config_type or intervention_type)
+            keys.append(key)
+            found.append((itype, *_tensors(state, itype, base.n_embd)))
+        except ReftFormatError as e:  # the archive's own problems name its path already
+            problems += [f"{e.path}: {p}" for p in e.problems]
+        except ReftError as e:
+            problems.append(f"{path}: {e}")
+    if not problems:
+        try:
+            rules = _rules(keys, rule, share_weights)
+        except ReftError as e:
+            problems.append(f"{d}: {e}")
+    if problems:
+        raise ReftFormatError(d, problems)
+    ivs = [Intervention(k.layer, r, rot, w, b, itype, "block_output", dt)
+           for k, r, (itype, rot, w, b, dt) in zip(keys, rules, found)]
+    provenance = {"converted_from": "pyreft", "pyreft_keys": [k.text for k in keys],
+                  "pyreft_positions": positions, "pyreft_share_weights": share_weights}
+    if config and isinstance(config.get("transformers_version"), str):
+        provenance["pyreft_transformers_version"] = config["transformers_version"]
+    return Patch(base, tuple(ivs), name or d.name, f"converted from the pyreft checkpoint {d.name}",
+                 provenance, source=str(d))
+
+
+def _resolve_type(from_tensors: str, declared: str | None) -> str:
+    if from_tensors == "loreft" and declared in (None, "loreft"):
+        return "loreft"
+    if from_tensors == "noreft|nodireft" and declared == "noreft":
+        return "noreft"
+    if from_tensors == "noreft|nodireft" and declared is None:
+        raise ReftError("NoReFT and NodiReFT store the same tensors and there is no config.json to "
+                        "tell them apart: pass --type noreft if this is NoReFT (NodiReFT cannot be converted)")
+    raise ReftError(f"the tensors are those of {from_tensors.replace('|', ' or ')}, but the "
+                    f"declared type is {declared}")
+
+
+def convert(folder: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str],
+            positions: str, share_weights: bool = False, *, name: str = "",
+            intervention_type: str | None = None) -> Patch:
+    """Convert a pyreft checkpoint for the model ``base`` (.gguf or HF folder); write ``out``
+    atomically and return the patch as read back from it."""
+    patch = from_pyreft(folder, base_model(base), positions, share_weights, name=name,
+                        intervention_type=intervention_type)
+    return load_patch(save_patch(patch, out))
+
+
+# ---- .reft -> pyreft ------------------------------------------------------------------------
+
+def pyreft_positions(patch: Patch) -> tuple[str, bool]:
+    """The pyreft (positions, share_weights) that reproduces the patch's position rules."""
+    rules = [iv.positions for iv in patch.interventions]
+    layers = Counter(iv.layer for iv in patch.interventions)
+    if len(set(rules)) == 1 and max(layers.values()) == 1:
+        return str(rules[0]), bool(rules[0].first and rules[0].last)
+    by_layer: dict[int, list[PositionRule]] = {}
+    for iv in patch.interventions:
+        by_layer.setdefault(iv.layer, []).append(iv.positions)
+    pairs = {tuple(v) for v in by_layer.values()}
+    pair = pairs.pop() if len(pairs) == 1 else ()
+    if len(pair) == 2 and pair[0].first and not pair[0].last and pair[1].last and not pair[1].first:
+        return f"f{pair[0].first}+l{pair[1].last}", False
+    raise ReftError(f"{patch.source}: pyreft applies one position setting to every intervention; "
+                    f"these rules ({', '.join(f'layer {iv.layer}: {iv.positions}' for iv in patch.interventions)}) "
+                    "are neither one rule with one intervention per layer nor untied f<N>/l<M> pairs")
+
+
+def to_pyreft(patch: Patch, folder: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Write ``patch`` as a pyreft save folder (pyvene 0.1.8 layout; needs torch) into a new or
+    empty ``folder``; return the (positions, share_weights) to load it with."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ReftError("to-pyreft writes torch.save files and needs torch: pip install torch") from None
+    positions, share_weights = pyreft_positions(patch)
+    out = Path(folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReftError(f"{out}: exists and is not an empty folder; to-pyreft writes a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_pyreft(patch, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return positions, share_weights
+
+
+def _write_pyreft(patch: Patch, tmp: Path) -> None:
+    import torch
+
+    counter: Counter[int] = Counter()
+    config: dict[str, Any] = {"intervention_constant_sources": [], "intervention_dimensions": [],
+                              "intervention_types": [], "mode": "parallel", "representations": [],
+                              "sorted_keys": []}
+    for iv in patch.interventions:
+        key = f"layer_{iv.layer}_comp_block_output_unit_pos_nunit_1#{counter[iv.layer]}"
+        counter[iv.layer] += 1
+        dtype = {spec.GGML_F16: torch.float16, spec.GGML_BF16: torch.bfloat16}.get(iv.dtype, torch.float32)
+        t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)  # noqa: E731 (lossless)
+        if iv.type == "loreft":  # LoreftIntervention.state_dict(): Linear's, then R^T
+            state = OrderedDict(weight=t(iv.weight), bias=t(iv.bias), rotate_layer=t(iv.rotate.T))
+        else:  # NoreftIntervention: nn.Module.state_dict(), no proj_layer bias
+            dim = torch.tensor(patch.base.n_embd)
+            state = OrderedDict([("embed_dim", dim), ("interchange_dim", dim.clone()),
+                                 ("proj_layer.weight", t(iv.rotate)),
+                                 ("learned_source.weight", t(iv.weight)), ("learned_source.bias", t(iv.bias))])
+        torch.save(state, tmp / f"intkey_{key}.bin")
+        cls = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention"}[iv.type]
+        config["intervention_types"].append(f"<class 'pyreft.interventions.{cls}'>")
+        config["intervention_dimensions"].append(patch.base.n_embd)
+        config["intervention_constant_sources"].append(True)
+        config["representations"].append([iv.layer, "block_output", "pos", 1, iv.rank] + [None] * 9)
+        config["sorted_keys"].append(key)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

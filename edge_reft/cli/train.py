@@ -1,0 +1,56 @@
+"""``edge-reft train BASE --data DATA --out user.reft``: train a patch on a 4-bit backbone."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block indices like 15 or 12,18") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    from edge_reft.train.trainer import DEFAULT_LR
+    ap = argparse.ArgumentParser(prog="edge-reft train", description=__doc__)
+    ap.add_argument("base", help="the user's .gguf (trains on exactly its weights) or an HF model folder (NF4)")
+    ap.add_argument("--data", required=True, help='JSON Lines: {"prompt", "response"} or {"messages"}')
+    ap.add_argument("--out", required=True, help="the .reft to write")
+    ap.add_argument("--layers", type=_layers, default=(15,), help="blocks to edit, e.g. 15 or 12,18 (default 15)")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--positions", default="l1", help="l1, f1+l1, f3+l3, all, ... (default l1)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--eval-data", default=None, help="JSONL scored after training (through llama.cpp)")
+    ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
+    ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
+                    help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="run every step over the whole sequence and model (slower; same result)")
+    ap.add_argument("--name", default="")
+    ap.add_argument("--description", default="")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    from edge_reft.cli.inspect import format_patch
+    from edge_reft.train import TrainConfig, train
+
+    cfg = TrainConfig(layers=a.layers, rank=a.rank, positions=a.positions, epochs=a.epochs, lr=a.lr,
+                      batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps,
+                      prefix_cache=not a.no_prefix_cache)
+    try:
+        patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, eval_data=a.eval_data, resume=a.resume,
+                      name=a.name, description=a.description)
+    except KeyboardInterrupt:
+        print(f"\nedge-reft train: interrupted; checkpoint saved, continue with --resume "
+              f"(same flags)", file=sys.stderr)
+        return 130
+    print(format_patch(patch))
+    return 0

@@ -1,0 +1,229 @@
+"""Training on the real SmolLM2 GGUF: exact backbone, the prefix cache, resume, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edge_reft.dataset import encode, prompter_for, read_jsonl
+from edge_reft.errors import ReftError
+from edge_reft.fingerprint import from_gguf
+from edge_reft.reftfile import load_patch
+from edge_reft.tasks import sst2_records, write_jsonl
+from edge_reft.train import TrainConfig, Trainer, load_backbone
+from edge_reft.train.ggufq import dequantize
+
+
+@pytest.fixture(scope="module")
+def backbone(smol_q4):
+    return load_backbone(smol_q4)
+
+
+@pytest.fixture(scope="module")
+def sst_file(tmp_path_factory):
+    return write_jsonl(sst2_records("train", 32), tmp_path_factory.mktemp("data") / "sst32.jsonl")
+
+
+@pytest.fixture(scope="module")
+def examples(smol_q4, sst_file):
+    prompter, close = prompter_for(smol_q4)
+    try:
+        return encode(read_jsonl(sst_file), prompter)
+    finally:
+        close()
+
+
+def _quantized(qtype: int, rows: int = 64, cols: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    import gguf
+    x = np.random.default_rng(qtype).standard_normal((rows, cols)).astype(np.float32)
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType(qtype))
+    return q, gguf.quants.dequantize(q, gguf.GGMLQuantizationType(qtype))
+
+
+@pytest.mark.parametrize("qtype", [0, 1, 2, 3, 6, 7, 8, 30])  # F32 F16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 BF16
+def test_dequantize_matches_gguf_py(qtype):
+    raw, want = _quantized(qtype)
+    got = dequantize(torch.from_numpy(raw.view(np.uint8).reshape(raw.shape[0], -1)), qtype, want.shape)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_gguf_backbone_is_the_file_bit_for_bit(backbone, hf_smol):
+    """Every linear runs on the GGUF's own Q4_1/Q8_0 blocks, and the model computes
+    exactly what transformers computes on the same file dequantized."""
+    from edge_reft.train.ggufq import GGUFLinear
+    assert all(isinstance(m, GGUFLinear) for n, m in backbone.model.named_modules() if n.endswith("_proj"))
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])
+    with torch.no_grad():
+        assert torch.equal(backbone.model(ids).logits, hf_smol(ids).logits)
+    assert backbone.base == from_gguf(backbone.source)
+
+
+@pytest.mark.parametrize("positions", ["l1", "f1+l1", "l3", "all"])
+def test_prefix_cache_gives_the_same_gradients(backbone, examples, positions):
+    grads = []
+    for cached in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        t = Trainer(backbone.model, examples[:6], TrainConfig(layers=(9, 20), rank=3, positions=positions,
+                                                              batch_size=6, prefix_cache=cached), 576)
+        t.prepare()
+        with torch.no_grad():  # move off the identity start so every parameter gets a gradient
+            for w in t.reft.W:
+                w.add_(0.05 * torch.randn(w.shape, generator=gen))
+        loss, n = t.batch_loss(range(6))
+        (loss / n).backward()
+        grads.append([p.grad.clone() for p in t.reft.parameters()] + [loss.detach() / n])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+
+
+def test_loss_goes_down_and_patch_runs(backbone, examples, engine_q4, tmp_path):
+    t = Trainer(backbone.model, examples, TrainConfig(layers=(15,), rank=4, positions="l1", batch_size=8,
+                                                      epochs=3), 576)
+    t.prepare()
+    t.run()
+    assert np.mean(t.losses[-3:]) < 0.6 * np.mean(t.losses[:2]), t.losses
+    patch = t.reft.to_patch(backbone.base, "sst")
+    from edge_reft.reftfile import save_patch
+    back = load_patch(save_patch(patch, tmp_path / "sst.reft"), model=engine_q4.base)
+    assert max(abs(float(x)) for iv in back.interventions
+               for x in (iv.rotate @ iv.rotate.T - np.eye(4)).ravel()) < 1e-6
+    prompt = engine_q4.prompt_tokens(sst2_records("test", 1)[0]["prompt"])
+    assert engine_q4.generate(prompt_tokens=prompt, patch=back, max_tokens=3, stream=False).tokens != \
+        engine_q4.generate(prompt_tokens=prompt, max_tokens=3, stream=False).tokens or \
+        not np.array_equal(engine_q4.logits(prompt, back)[-1], engine_q4.logits(prompt)[-1])
+
+
+def test_resume_continues_bit_for_bit(backbone, examples, tmp_path):
+    cfg = TrainConfig(layers=(18,), rank=2, positions="l2", batch_size=4, epochs=2, checkpoint_every=1000)
+    straight = Trainer(backbone.model, examples[:12], cfg, 576)
+    straight.prepare()
+    straight.run()
+    first = Trainer(backbone.model, examples[:12], cfg, 576, checkpoint_dir=tmp_path / "ck")
+    first.prepare()
+
+    def stop_at_three(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        first.run(stop_at_three)
+    again = Trainer(backbone.model, examples[:12], cfg, 576, checkpoint_dir=tmp_path / "ck")
+    assert again.load_checkpoint() and again.step == 3
+    again.prepare()
+    again.run()
+    assert again.losses == straight.losses
+    for a, b in zip(again.reft.parameters(), straight.reft.parameters()):
+        assert torch.equal(a, b)
+    other = TrainConfig(layers=(18,), rank=3, positions="l2", batch_size=4, epochs=2)
+    with pytest.raises(ReftError, match="other settings"):
+        Trainer(backbone.model, examples[:12], other, 576, checkpoint_dir=tmp_path / "ck").load_checkpoint()
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(layers=(40,)), "layer 40 does not exist"), (dict(rank=0), "rank"), (dict(positions="x1"), "position rule"),
+    (dict(lr=5.0), "lr"), (dict(batch_size=0), "batch_size"),
+])
+def test_bad_configs(backbone, examples, config, match):
+    with pytest.raises(ReftError, match=match):
+        Trainer(backbone.model, examples, TrainConfig(**config), 576)
+
+
+def test_malformed_data_lists_every_bad_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\nnot json\n{"prompt": 3}\n'
+                 '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ReftError) as e:
+        read_jsonl(p)
+    assert "3 malformed lines" in str(e.value) and "line 2" in str(e.value) and "line 4" in str(e.value)
+
+
+def test_messages_render_like_the_runtime(smol_q4, engine_q4):
+    prompter, close = prompter_for(smol_q4)
+    try:
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        prompt, target = prompter.example(msgs, "Hello!")
+    finally:
+        close()
+    assert prompt == engine_q4.prompt_tokens(messages=msgs)
+    assert engine_q4.native.vocab.is_eog(target[-1]) and target[:-1] == engine_q4._tokenize("Hello!", False)
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "edge_reft", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_ctrl_c_saves_and_resume_finishes(smol_q4, tmp_path):
+    data = write_jsonl(sst2_records("train", 16), tmp_path / "sst16.jsonl")
+    out = tmp_path / "u.reft"
+    args = [str(smol_q4), "--data", str(data), "--out", str(out), "--epochs", "6", "--batch-size", "4",
+            "--layers", "20", "--positions", "l1"]
+    p = _cli(*args)
+    deadline = time.time() + 300
+    seen = ""
+    while time.time() < deadline and "training" not in seen:  # wait for the loop to start
+        seen += p.stderr.read(1)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert (tmp_path / "u.reft.ckpt" / "state.json").exists() and not out.exists()
+    step = json.loads((tmp_path / "u.reft.ckpt" / "state.json").read_text())["step"]
+    assert 0 < step < 24
+    r = subprocess.run([sys.executable, "-m", "edge_reft", "train", *args], capture_output=True, text=True)
+    assert r.returncode == 1 and "--resume" in r.stderr  # refuses to silently start over
+    r = subprocess.run([sys.executable, "-m", "edge_reft", "train", *args, "--resume"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    patch = load_patch(out)
+    assert patch.provenance["steps"] == 24 and not (tmp_path / "u.reft.ckpt").exists()
+    assert patch.base.fingerprint == from_gguf(smol_q4).fingerprint
+
+
+def test_hf_folder_trains_in_nf4_with_the_gguf_fingerprint(smol_q4, tmp_path):
+    from edge_reft.hf import hf_dir
+    from edge_reft.train import train
+    folder = hf_dir(smol_q4)
+    data = write_jsonl(sst2_records("train", 6), tmp_path / "sst6.jsonl")
+    patch = train(folder, data, tmp_path / "nf4.reft",
+                  TrainConfig(layers=(25,), rank=2, positions="l1", batch_size=3, max_steps=2), progress=False)
+    assert patch.base.fingerprint == from_gguf(smol_q4).fingerprint
+    assert patch.provenance["backbone"] == "nf4" and np.isfinite(patch.provenance["final_loss"])
+    bb = load_backbone(folder)
+    assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_nf4_gradients_equal_the_dense_model_with_the_same_weights(smol_q4, examples):
+    """bitsandbytes' CPU NF4 path must give the gradients of the same weights held
+    densely (edge-reft keeps it off the inference-only repacked kernel, which has no
+    backward and silently returns wrong gradients)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    from edge_reft.hf import hf_dir
+    from edge_reft.train.backbone import _dense_weight
+    nf4 = load_backbone(hf_dir(smol_q4))
+    dense = AutoModelForCausalLM.from_pretrained(hf_dir(smol_q4), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in nf4.model.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                dense.get_submodule(name).weight.copy_(_dense_weight(m))
+    dense.requires_grad_(False)
+    grads = []
+    for model in (nf4.model, dense):
+        t = Trainer(model, examples[:4], TrainConfig(layers=(20,), rank=2, positions="l1", batch_size=4), 576)
+        t.prepare()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for w in t.reft.W:
+                w.add_(0.05 * torch.randn(w.shape, generator=gen))
+        loss, n = t.batch_loss(range(4))
+        (loss / n).backward()
+        grads.append([p.grad for p in t.reft.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
