@@ -3,12 +3,12 @@
     python benchmarks/train_speed.py [--examples 436] [--epochs 3]
 
 Same backbone (SmolLM2's own Q4_1 blocks), data (SST-2, train half), batch
-size, steps and learning rate.  The pyreft-style loop runs every step over
-the whole sequence and the whole model, with a hook at the layer and R
-parametrized by torch's orthogonal parametrization on a d x r matrix (what
-pyreft's LowRankRotateLayer does); edge-reft builds its prefix cache once
-(counted in its time) and runs only what the patch can change, with the QR
-map.  Each method runs in its own process, so peak RSS is its own.  Both
+size, steps and learning rate.  The pyreft-style loop does what pyreft's
+trainer does each step: the whole sequence through the whole model with a
+hook at the layer, R through torch's orthogonal parametrization (pyreft's
+LowRankRotateLayer), and the loss computed by the HF model from labels (so
+logits over every position); edge-reft builds its prefix cache once (counted
+in its time) and runs only what the patch can change, with the QR map.  Each method runs in its own process, so peak RSS is its own.  Both
 patches are then scored on the test half through llama.cpp (log-prob of
 "positive" vs "negative"), to show the speed costs no accuracy.
 """
@@ -68,7 +68,6 @@ def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs
     from edge_reft.reftfile import save_patch
     from edge_reft.train import TrainConfig, Trainer, load_backbone
     from edge_reft.train.prefix import pad_batch
-    from edge_reft.train.trainer import logits
     model_path = default_model()
     prompter, close = prompter_for(model_path)
     examples = encode(read_jsonl(data), prompter)
@@ -104,10 +103,10 @@ def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs
                 sel = np.arange(len(e.tokens)) if rule.all else rule.select(len(e.prompt))
                 m[i, torch.from_numpy(sel)] = True
             state["mask"] = m
-            hidden = bb.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows = torch.cat([hidden[i, len(e.prompt) - 1:len(e.tokens) - 1] for i, e in enumerate(exs)])
-            tgt = torch.tensor([tok for e in exs for tok in e.target])
-            loss = torch.nn.functional.cross_entropy(logits(bb.model, rows), tgt)
+            labels = torch.full(ids.shape, -100)  # pyreft: loss on the reply, computed by the HF model
+            for i, e in enumerate(exs):
+                labels[i, len(e.prompt):len(e.tokens)] = torch.tensor(e.target)
+            loss = bb.model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()
             opt.step()

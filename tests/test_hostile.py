@@ -2,7 +2,6 @@
 cleanly (the right error, naming the field) quickly and in bounded memory."""
 from __future__ import annotations
 
-import os
 import tracemalloc
 
 import pytest

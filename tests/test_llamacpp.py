@@ -9,9 +9,9 @@ import pytest
 
 from edge_reft.errors import BackendError, PatchMismatchError, ReftError
 from edge_reft.hf import reference_greedy, reference_logits
-from edge_reft.patch import BaseModel, Intervention, Patch, identity, random_patch
+from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
-from oracles import constant_vector_patch
+from oracles import patch_and_control_vector
 
 PROMPT = "Tell me about the moon and its phases."
 PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 1-8
@@ -64,16 +64,10 @@ def test_identity_patch_is_bit_identical(engines_q4, positions, gate):
 @pytest.mark.parametrize("gate", ["native", "python"])
 @pytest.mark.parametrize("layer", [1, 15, 29])
 def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
-    engine_q4 = engines_q4[gate]
-    patch, v = constant_vector_patch(engine_q4.base, layer, layer)
-    toks = engine_q4.prompt_tokens(PROMPT)
-    ours = engine_q4.logits(toks, patch)
-    engine_q4.native.set_control_vector(v, layer)
-    try:
-        oracle = engine_q4.logits(toks)
-    finally:
-        engine_q4.native.set_control_vector(None, layer)
-    assert np.abs(oracle - engine_q4.logits(toks)).max() > 0.01
+    engine = engines_q4[gate]
+    toks = engine.prompt_tokens(PROMPT)
+    ours, oracle = patch_and_control_vector(engine, toks, layer, layer)
+    assert np.abs(oracle - engine.logits(toks)).max() > 0.01
     np.testing.assert_array_equal(ours, oracle)
 
 

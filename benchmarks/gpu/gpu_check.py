@@ -14,7 +14,6 @@ Then benchmarks/runtime_overhead.py with the model on the GPU, and on the CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def check_model(path: str, kw: dict, exact: bool) -> None:
     from edge_reft.patch import identity, random_patch
     from edge_reft.runtime import Engine
-    from oracles import constant_vector_patch
+    from oracles import patch_and_control_vector
 
     gpu = {g: Engine(path, n_ctx=512, n_gpu_layers=99, gate=g, **kw) for g in ("native", "python")}
     cpu = Engine(path, n_ctx=512, n_gpu_layers=0, op_offload=False, **kw)  # really on the CPU
@@ -54,11 +53,7 @@ def check_model(path: str, kw: dict, exact: bool) -> None:
                    for L in (0, last // 2, last) for pos in ("l1", "f2+l2", "all"))
         check(f"identity patch bit-identical on the GPU ({g} gate)", same, "layers 0, mid, last x l1, f2+l2, all")
         for L in (1, last):
-            patch, v = constant_vector_patch(base, L, L)
-            ours = e.logits(prompt, patch)
-            e.native.set_control_vector(v, L)
-            oracle = e.logits(prompt)
-            e.native.set_control_vector(None, L)
+            ours, oracle = patch_and_control_vector(e, prompt, L, L)
             check(f"constant patch == llama.cpp control vector at layer {L} ({g} gate)",
                   np.array_equal(ours, oracle), f"max |diff| {np.abs(ours - oracle).max():.3g}")
     cpu_plain, gpu_plain = cpu.logits(prompt), gpu["native"].logits(prompt)

@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
         patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, eval_data=a.eval_data, resume=a.resume,
                       name=a.name, description=a.description)
     except KeyboardInterrupt:
-        print(f"\nedge-reft train: interrupted; checkpoint saved, continue with --resume "
-              f"(same flags)", file=sys.stderr)
+        print("\nedge-reft train: interrupted; checkpoint saved, continue with --resume "
+              "(same flags)", file=sys.stderr)
         return 130
     print(format_patch(patch))
     return 0

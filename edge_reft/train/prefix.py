@@ -88,19 +88,41 @@ def pad_batch(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor
 def build(model: Any, examples: Sequence[Example], first_layer: int, first_edited: Callable[[int], int],
           cache: PrefixCache, batch: int = 8, progress: Callable[[int], None] = lambda n: None) -> None:
     """One frozen forward per example (batched, right-padded): fill ``cache``."""
-    n_layer = model.config.get_text_config().num_hidden_layers
+    from ..hf import decoder_layers
+    cfg = model.config.get_text_config()
+    n_layer, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = decoder_layers(model)
+    # batches of similar lengths: right-padding costs compute, and the cache is order-free
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     for start in range(0, len(examples), batch):
-        chunk = examples[start:start + batch]
+        idx = order[start:start + batch]
+        chunk = [examples[i] for i in idx]
         ids, mask = pad_batch([e.tokens for e in chunk])
-        # the decoder only: the LM head over every position would cost more than the blocks
-        out = model.model(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
-        h_all = out.hidden_states[first_layer]
+        # with nothing to cache above (every edit starts at position 0), the blocks from
+        # first_layer up are not needed at all
+        upper = range(first_layer, n_layer) if all(first_edited(len(e.prompt)) == 0 for e in chunk) else ()
+        kept = {L: layers[L] for L in upper}
+        for L in upper:
+            layers[L] = _Passthrough()
+        captured: dict[str, torch.Tensor] = {}  # the input of block first_layer, as it is handed over
+        grab = layers[first_layer].register_forward_pre_hook(lambda m, args: captured.setdefault("h", args[0]))
+        try:  # the decoder only: the LM head over every position would cost more than the blocks
+            out = model.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        finally:
+            grab.remove()
+            for L, m in kept.items():
+                layers[L] = m
+        h_all = captured["h"]
         kv = out.past_key_values
         for j, e in enumerate(chunk):
             p0, t = first_edited(len(e.prompt)), len(e.tokens)
-            k = torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)])
-            v = torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)])
-            cache.put(start + j, Entry(p0, h_all[j, p0:t].numpy().copy(), k.numpy().copy(), v.numpy().copy()))
+            if p0 == 0:
+                k = v = np.zeros((n_layer - first_layer, n_kv, 0, head_dim), np.float32)
+            else:
+                k = torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
+                v = torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
+            cache.put(idx[j], Entry(p0, h_all[j, p0:t].numpy().copy(), k, v))
         progress(len(chunk))
 
 

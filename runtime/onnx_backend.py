@@ -1,0 +1,258 @@
+"""The ONNX Runtime backend: patches are graph inputs, fed per call.
+
+The graph (``edge-reft export-onnx``) has, at each exported block, edit slots
+whose rotate / delta_t / bias / mask are inputs with a batch axis, so a patch
+swap is a different feed (no session is ever re-created) and one run can
+serve a batch of requests that each carry their own patch
+(``generate_batch``).
+
+KV cache: one float32 buffer per layer and kind, (B, kv_heads, capacity,
+head_dim), bound as both ``past_key_values.*`` and ``present.*`` through an
+IOBinding; GroupQueryAttention sees the shared buffer and writes the new rows
+in place at each row's length (taken from ``attention_mask``).  ``_keep(n)``
+only moves the length.  A block whose masks are all zero in a call is switched
+off (``reft.L.on``) and runs the builder's graph alone.  Needs onnxruntime,
+numpy and tokenizers, never torch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from edge_reft.chat import ChatTemplate
+from edge_reft.errors import BackendError, ReftError
+
+from .edits import PatchSet
+from .engine import Completion, EngineBase, PatchLike
+from .onnx_model import Export, Vocab
+from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
+
+
+class Binding:
+    """An IOBinding over some rows of a KVCache, holding every array it binds
+    (onnxruntime reads bound numpy memory in place, it does not copy it)."""
+
+    def __init__(self, engine: "OnnxEngine", kv: "KVCache", rows: slice):
+        import onnxruntime as ort
+        self.ort, self.io = ort, engine.session.io_binding()
+        self.kept: dict[str, np.ndarray] = {}
+        self.logits = np.empty(0, np.float32)
+        for past, present in engine.kv_inputs.items():
+            v = ort.OrtValue.ortvalue_from_numpy(kv.buffers[past][rows])  # a view: writes land in kv
+            self.io.bind_ortvalue_input(past, v)
+            self.io.bind_ortvalue_output(present, v)
+
+    def feed(self, feeds: dict[str, np.ndarray]) -> None:
+        """Bind inputs, skipping those already bound with equal contents."""
+        for name, arr in feeds.items():
+            old = self.kept.get(name)
+            if old is arr or (old is not None and old.shape == arr.shape and np.array_equal(old, arr)):
+                continue
+            arr = np.ascontiguousarray(arr)
+            self.io.bind_cpu_input(name, arr)
+            self.kept[name] = arr
+
+    def logits_out(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The buffer onnxruntime writes the logits into (re-bound when the shape changes)."""
+        if self.logits.shape != shape:
+            self.logits = np.empty(shape, np.float32)
+            self.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(self.logits))
+        return self.logits
+
+
+class KVCache:
+    """Shared past/present buffers for ``batch`` sequences, (batch, kv_heads, capacity, head_dim)."""
+
+    def __init__(self, engine: "OnnxEngine", batch: int, capacity: int):
+        ex = engine.export
+        self.capacity = capacity
+        self.buffers = {name: np.zeros((batch, ex.kv_heads, capacity, ex.head_dim), np.float32)
+                        for name in engine.kv_inputs}
+        self.all = Binding(engine, self, slice(None))
+
+
+class OnnxEngine(EngineBase):
+    """Generate with an export-onnx folder through onnxruntime, applying patches per call."""
+
+    def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 2048, n_threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        super().__init__()
+        import onnxruntime as ort
+        if model is None or not os.path.isdir(model):
+            raise ReftError(f"{model}: the ONNX backend takes a folder made by `edge-reft export-onnx`")
+        self.export = Export(model)
+        self.base = self.export.base
+        if not 1 <= n_ctx <= self.export.context_length:
+            raise ReftError(f"n_ctx: {n_ctx}, expected 1..{self.export.context_length} for this model")
+        self.n_ctx = self.n_ubatch = n_ctx
+        try:
+            self.chat: ChatTemplate | None = ChatTemplate.from_hf_dir(model)
+        except ReftError:
+            self.chat = None
+        self.vocab = Vocab(self.export.folder)
+        so = ort.SessionOptions()
+        if n_threads:
+            so.intra_op_num_threads = n_threads
+        try:
+            self.session = ort.InferenceSession(str(self.export.model_path), so, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"{self.export.model_path}: onnxruntime cannot load it: {e}") from None
+        names = {i.name for i in self.session.get_inputs()}
+        self.kv_inputs = {n: "present" + n[len("past_key_values"):] for n in sorted(names)
+                          if n.startswith("past_key_values.")}
+        missing = [n for n in [*(s.inputs[k] for s in self.export.sites for k in s.inputs),
+                               *self.export.switches.values()] if n not in names]
+        if missing or not self.kv_inputs:
+            raise BackendError(f"{self.export.model_path}: the graph lacks inputs the manifest names: "
+                               f"{missing[:4] or 'past_key_values.*'}")
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+        self.kv = KVCache(self, 1, n_ctx)
+        self._n_past = 0
+        self._weights_key: str | None = None
+
+    def close(self) -> None:
+        self.session = self.kv = None  # the session and the KV buffers go with the last reference
+
+    def _check_open(self) -> None:
+        if self.session is None:
+            raise ReftError(f"{self.export.folder}: this engine is closed")
+
+    # ---- backend primitives ----------------------------------------------------------------
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.vocab.encode(text, add_special)
+
+    def _piece(self, token: int) -> bytes:
+        return self.vocab.pieces[token] if 0 <= token < len(self.vocab.pieces) else b""
+
+    def _is_eog(self, token: int) -> bool:
+        return token in self.vocab.eog
+
+    def _keep(self, n: int) -> bool:
+        if n > self._n_past:
+            return False
+        self._n_past = n
+        return True
+
+    def patch_set(self, patch: PatchLike | Sequence[PatchLike], allow_mismatch: bool = False) -> PatchSet:
+        pset = super().patch_set(patch, allow_mismatch)
+        self.export.check(pset)
+        return pset
+
+    def _forward(self, tokens: Sequence[int], start: int, n_prompt: int, pset: PatchSet,
+                 all_logits: bool = False) -> np.ndarray:
+        n = len(tokens)
+        self._check_open()
+        if start != self._n_past:
+            raise BackendError(f"internal: a chunk at position {start}, but the KV cache holds {self._n_past}")
+        if start + n > self.kv.capacity:
+            raise ReftError(f"{start + n} tokens exceed the context of {self.kv.capacity} (n_ctx)")
+        io = self.kv.all
+        if self._weights_key != pset.key:
+            self._weights_key = None  # a failure below must not leave stale weights marked as bound
+            io.feed(self.export.batch_weights([pset], self.base.n_embd))
+            self._weights_key = pset.key
+        io.feed(self.export.masks([pset], [start], n, [n_prompt]))
+        logits = self._run_graph(io, np.asarray([tokens], np.int64), [start + n], 0 if all_logits else n - 1)
+        self._n_past = start + n
+        return logits[0]
+
+    # ---- running the graph ----------------------------------------------------------------
+    def _run_graph(self, b: Binding, ids: np.ndarray, totals: Sequence[int], logits_start: int) -> np.ndarray:
+        """Run ``ids`` (B, n); row r's sequence is then ``totals[r]`` long.  Logits from
+        position ``logits_start`` of the chunk on: (B, n - logits_start, vocab)."""
+        mask = (np.arange(max(totals))[None, :] < np.asarray(totals)[:, None]).astype(np.int64)
+        b.feed({"input_ids": ids, "attention_mask": mask,
+                self.export.logits_start: np.array([logits_start], np.int64)})
+        out = b.logits_out((ids.shape[0], ids.shape[1] - logits_start, self.vocab_size))
+        try:
+            self.session.run_with_iobinding(b.io)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime failed on {self.export.model_path}: {e}") from None
+        return out.copy()
+
+    # ---- batches ----------------------------------------------------------------------------
+    def generate_batch(self, prompts: Sequence[str] | None = None, *,
+                       messages: Sequence[Sequence[dict]] | None = None,
+                       patches: Sequence[PatchLike | Sequence[PatchLike]] | None = None,
+                       max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                       seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
+                       prompt_tokens: Sequence[Sequence[int]] | None = None) -> list[Completion]:
+        """Generate for several prompts at once, row b with ``patches[b]`` (a patch, a path,
+        a list of them, or None); one graph run per decode step serves every row.
+
+        Each row's result equals ``generate(prompts[b], patch=patches[b], ...)``; the
+        engine's conversation cache is left as it was."""
+        if sum(x is not None for x in (prompts, messages, prompt_tokens)) != 1:
+            raise ReftError("generate_batch: give exactly one of prompts=, messages= or prompt_tokens=")
+        if prompt_tokens is not None:
+            toks = [list(t) for t in prompt_tokens]
+        elif prompts is not None:
+            toks = [self.prompt_tokens(p, raw=raw) for p in prompts]
+        else:
+            toks = [self.prompt_tokens(messages=m) for m in messages]
+        if not toks or not all(toks):
+            raise ReftError("generate_batch: no prompts, or an empty one (0 tokens); a patch needs "
+                            "prompt tokens to edit")
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ReftError(f"max_tokens: {max_tokens!r}, expected an integer >= 0")
+        patches = [None] * len(toks) if patches is None else list(patches)
+        if len(patches) != len(toks):
+            raise ReftError(f"generate_batch: {len(toks)} prompts but {len(patches)} patches "
+                            "(give one per prompt; None for no patch)")
+        psets = [self.patch_set(p) for p in patches]
+        capacity = max(map(len, toks)) + max_tokens
+        if capacity > self.n_ctx:
+            raise ReftError(f"the longest prompt ({max(map(len, toks))} tokens) plus max_tokens "
+                            f"({max_tokens}) exceeds the context of {self.n_ctx} tokens")
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        self._check_open()
+        with self._lock:
+            return self._batch(toks, psets, params, max_tokens, stop, capacity)
+
+    def _batch(self, toks: list[list[int]], psets: list[PatchSet], params: SamplingParams,
+               max_tokens: int, stop: Sequence[str], capacity: int) -> list[Completion]:
+        B, d = len(toks), self.base.n_embd
+        kv = KVCache(self, B, capacity)
+        t0 = time.perf_counter()
+        last = []
+        for b in range(B):  # prefill row by row: no padding, each exactly as a single run
+            row = Binding(self, kv, slice(b, b + 1))
+            n = len(toks[b])
+            row.feed(self.export.batch_weights([psets[b]], d))
+            row.feed(self.export.masks([psets[b]], [0], n, [n]))
+            last.append(self._run_graph(row, np.asarray([toks[b]], np.int64), [n], n - 1)[0, -1])
+        t1 = time.perf_counter()
+        kv.all.feed(self.export.batch_weights(psets, d))
+        samplers = [Sampler(params) for _ in range(B)]
+        texts = [TextStream(stop) for _ in range(B)]
+        outs: list[list[int]] = [[] for _ in range(B)]
+        finish = ["length"] * B
+        active = [max_tokens > 0] * B
+        logits = np.stack(last)
+        for i in range(max_tokens):
+            step = [0] * B
+            for b in range(B):
+                if not active[b]:
+                    continue
+                tok = samplers[b](logits[b])
+                if self._is_eog(tok):
+                    finish[b], active[b] = "stop", False
+                    continue
+                outs[b].append(tok)
+                texts[b].feed(self._piece(tok))
+                if texts[b].stopped:
+                    finish[b], active[b] = "stop", False
+                step[b] = tok
+            if not any(active) or i + 1 == max_tokens:
+                break
+            pos = [len(t) + i for t in toks]  # finished rows run along (ignored) to keep one batch
+            kv.all.feed(self.export.masks(psets, pos, 1, [len(t) for t in toks]))
+            logits = self._run_graph(kv.all, np.asarray(step, np.int64)[:, None], [p + 1 for p in pos], 0)[:, -1]
+        t2 = time.perf_counter()
+        for t in texts:
+            t.close()
+        return [Completion(texts[b].text, outs[b], toks[b], finish[b], t1 - t0, t2 - t1, 0) for b in range(B)]
