@@ -34,7 +34,8 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.parametrize("args", [["inspect", "{model}"], ["run", "-p", "Hi", "-n", "3"], ["inspect", "{patch}"]])
+@pytest.mark.parametrize("args", [["inspect", "{model}"], ["run", "-p", "Hi", "-n", "3"], ["inspect", "{patch}"],
+                                  ["demo", "-n", "4"]])
 def test_run_and_inspect_never_import_torch(args, smol_q4, tmp_path):
     patch = save_patch(random_patch(BaseModel("llama", 576, 30, "ab" * 32), [(1, "l1", 2)]), tmp_path / "p.reft")
     argv = [a.format(model=smol_q4, patch=patch) for a in args]

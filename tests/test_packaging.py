@@ -43,6 +43,7 @@ def test_regular_install_maps_the_folders(tmp_path, smol_q4):
     assert Path(r["core"]).is_relative_to(target) and Path(r["runtime"]).is_relative_to(target)
     assert Path(r["converters"]) == target / "edge_reft" / "converters" / "__init__.py"
     assert r["gate"], "the native gate must be built by a regular install too"
+    assert (target / "edge_reft" / "data" / "demo.reft").is_file(), "the demo patch ships in the wheel"
     import os
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-m", "edge_reft", "inspect", str(smol_q4), "--json"],
