@@ -8,7 +8,10 @@ trainer does each step: the whole sequence through the whole model with a
 hook at the layer, R through torch's orthogonal parametrization (pyreft's
 LowRankRotateLayer), and the loss computed by the HF model from labels (so
 logits over every position); edge-reft builds its prefix cache once (counted
-in its time) and runs only what the patch can change, with the QR map.  Each method runs in its own process, so peak RSS is its own.  Both
+in its time) and runs only what the patch can change, with the QR map.  The
+"lean" row keeps no dequantized weights (each layer dequantized at every use)
+and at most 128 MB of prefixes in memory (the rest on disk): the memory-bound
+setting.  Each method runs in its own process, so peak RSS is its own.  Both
 patches are then scored on the test half through llama.cpp (log-prob of
 "positive" vs "negative"), to show the speed costs no accuracy.
 """
@@ -27,6 +30,8 @@ from pathlib import Path
 from common import table
 
 HERE = Path(__file__).resolve().parent
+LEAN_WEIGHTS_MB, LEAN_PREFIX_MB = 0, 128  # `edge-reft train --weights-cache-mb 0 --prefix-cache-mb 128`
+LEAN_LABEL = f"edge-reft lean ({LEAN_WEIGHTS_MB}/{LEAN_PREFIX_MB} MB caches)"
 
 
 class PyreftStyle:
@@ -72,12 +77,14 @@ def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs
     prompter, close = prompter_for(model_path)
     examples = encode(read_jsonl(data), prompter)
     close()
-    bb = load_backbone(model_path)
+    lean = method == "edge-reft-lean"
+    bb = load_backbone(model_path, cache_mb=LEAN_WEIGHTS_MB if lean else 1024)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cfg = TrainConfig(layers=(layer,), rank=rank, positions=positions, epochs=epochs, batch_size=bs)
+    cfg = TrainConfig(layers=(layer,), rank=rank, positions=positions, epochs=epochs, batch_size=bs,
+                      prefix_cache_mb=LEAN_PREFIX_MB if lean else 1024)
     t = Trainer(bb.model, examples, cfg, bb.base.n_embd)
     t0 = time.perf_counter()
-    if method == "edge-reft":
+    if method.startswith("edge-reft"):
         t.prepare()
         t_prep = time.perf_counter() - t0
         t.run()
@@ -131,6 +138,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--score-examples", type=int, default=200, help="test examples scored per patch")
+    ap.add_argument("--methods", default="pyreft-style,edge-reft,edge-reft-lean",
+                    help="rows to run (edge-reft-lean: l1 only)")
+    ap.add_argument("--positions", default="l1,f1+l1")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "LAYER", "POSITIONS", "RANK"))
     ap.add_argument("--data")
     ap.add_argument("--out")
@@ -144,8 +154,10 @@ def main() -> None:
     data = write_jsonl(sst2_records("train", a.examples), tmp / "train.jsonl")
     test = sst2_records("test")[:a.score_examples]
     rows, results = [], {}
-    for positions in ("l1", "f1+l1"):
-        for method in ("pyreft-style", "edge-reft"):
+    for positions in a.positions.split(","):
+        for method in a.methods.split(","):
+            if method == "edge-reft-lean" and positions != "l1":
+                continue
             out = tmp / f"{method}-{positions}.reft"
             cmd = [sys.executable, __file__, "--worker", method, "15", positions, "4", "--data", str(data),
                    "--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
@@ -153,12 +165,11 @@ def main() -> None:
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             r["acc"] = accuracy(str(out), test)
             results[(method, positions)] = r
-        base = results[("pyreft-style", positions)]
-        for method in ("pyreft-style", "edge-reft"):
-            r = results[(method, positions)]
-            rows.append([f"{method}, {positions} @15 r4", r["steps"], r["wall"], r["wall"] / a.epochs,
-                         base["wall"] / r["wall"], r["prep"], r["rss_loaded_mb"], r["rss_peak_mb"],
-                         r["rss_peak_mb"] - r["rss_loaded_mb"], r["acc"]])
+            base = results.get(("pyreft-style", positions))
+            label = LEAN_LABEL if method == "edge-reft-lean" else method
+            rows.append([f"{label}, {positions} @15 r4", r["steps"], r["wall"], r["wall"] / a.epochs,
+                         base["wall"] / r["wall"] if base else "-", r["prep"], r["rss_loaded_mb"],
+                         r["rss_peak_mb"], r["rss_peak_mb"] - r["rss_loaded_mb"], r["acc"]])
     print(table(["method", "steps", "wall s", "s/epoch", "speed-up", "of which cache s", "RSS loaded MB",
                  "peak MB", "peak - loaded", "test acc"], rows,
                 title=f"\nSST-2 ({a.examples} train examples, {a.epochs} epochs, batch {a.batch_size}) on "

@@ -31,6 +31,10 @@ single-window rule caps at n, so on prompts shorter than 2*max(N, M) the
 converted patch edits up to min(N, n) (resp. min(M, n)) positions where pyreft
 edits min(N, floor(n/2)).  Tied f+l (``share_weights``) keeps pyreft's rule; a single
 window differs from pyreft on short prompts in the same way everywhere in edge-reft (FORMAT.md).
+Not expressible: pyreft's ReftClassificationDataset, ReftGenerationDataset and
+ReftSupervisedDataset end the window at ``prompt_len - 1`` (their ``l<N>`` skips the
+last prompt token); format version 1 has no shifted window, so such a patch runs one
+token later than it was trained (README, "Converting from pyreft").
 
 The ``.bin`` files are torch pickles, read by ``torch_pickle.read_state_dict``
 (no torch, nothing in them executed); ``to_pyreft`` (the reverse) needs torch.

@@ -1,9 +1,10 @@
-"""Patches whose effect llama.cpp can compute by itself (for exactness oracles)."""
+"""Exactness oracles shared by the backends' tests: patches whose effect llama.cpp can
+compute by itself, and a conversation run with and without KV-cache reuse."""
 from __future__ import annotations
 
 import numpy as np
 
-from edge_reft.patch import BaseModel, Intervention, Patch
+from edge_reft.patch import BaseModel, Intervention, Patch, random_patch
 
 
 def constant_vector_patch(base: BaseModel, layer: int, seed: int) -> tuple[Patch, np.ndarray]:
@@ -27,3 +28,15 @@ def patch_and_control_vector(engine, tokens: list[int], layer: int, seed: int) -
     finally:
         engine.native.set_control_vector(None, layer)
     return ours, oracle
+
+
+def second_turn_cached_and_fresh(engine, layer: int, positions: str):
+    """A two-turn chat under a strong patch; the second turn generated reusing the first
+    turn's KV cache and from scratch (``cache="off"``).  Returns (patch, cached, fresh)."""
+    patch = random_patch(engine.base, [(layer, positions, 4)], scale=6.0, seed=3)
+    msgs = [{"role": "user", "content": "Name a fruit."}]
+    first = engine.generate(messages=msgs, patch=patch, max_tokens=12, stream=False)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a colour?"}]
+    cached = engine.generate(messages=msgs, patch=patch, max_tokens=16, stream=False)
+    fresh = engine.generate(messages=msgs, patch=patch, max_tokens=16, stream=False, cache="off")
+    return patch, cached, fresh

@@ -11,7 +11,7 @@ from edge_reft.errors import BackendError, PatchMismatchError, ReftError
 from edge_reft.hf import reference_greedy, reference_logits
 from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
-from oracles import patch_and_control_vector
+from oracles import patch_and_control_vector, second_turn_cached_and_fresh
 
 PROMPT = "Tell me about the moon and its phases."
 PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 1-8
@@ -86,12 +86,7 @@ def test_swapping_patches_never_reuses_state(engine_q4):
 
 @pytest.mark.parametrize("positions", ["l2", "f1+l1", "all"])
 def test_multi_turn_cache_reuse_is_exact(engine_q4, positions):
-    patch = random_patch(engine_q4.base, [(10, positions, 4)], scale=6.0, seed=3)
-    msgs = [{"role": "user", "content": "Name a fruit."}]
-    first = engine_q4.generate(messages=msgs, patch=patch, max_tokens=12, stream=False)
-    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a colour?"}]
-    cached = engine_q4.generate(messages=msgs, patch=patch, max_tokens=16, stream=False)
-    fresh = engine_q4.generate(messages=msgs, patch=patch, max_tokens=16, stream=False, cache="off")
+    patch, cached, fresh = second_turn_cached_and_fresh(engine_q4, 10, positions)
     assert cached.reused_tokens > 0 and fresh.reused_tokens == 0
     assert cached.tokens == fresh.tokens
     np.testing.assert_array_equal(engine_q4.logits(cached.prompt_tokens, patch)[-1],

@@ -16,6 +16,7 @@ import pytest
 from edge_reft.errors import PatchMismatchError, ReftError
 from edge_reft.patch import BaseModel, Intervention, Patch, identity, random_patch
 from edge_reft.reftfile import save_patch
+from oracles import second_turn_cached_and_fresh
 
 LAYERS = (0, 8, 15, 22, 29)   # exported blocks: first, middle, last (the final norm's input)
 PROMPT = "Tell me about the moon and its phases."
@@ -177,12 +178,7 @@ def test_patch_for_another_model_is_refused(onnx_int4):
 
 @pytest.mark.parametrize("positions", ["l2", "f1+l1", "all"])
 def test_multi_turn_cache_reuse_is_exact(onnx_int4, positions):
-    patch = random_patch(onnx_int4.base, [(8, positions, 4)], scale=6.0, seed=3)
-    msgs = [{"role": "user", "content": "Name a fruit."}]
-    first = onnx_int4.generate(messages=msgs, patch=patch, max_tokens=12, stream=False)
-    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a colour?"}]
-    cached = onnx_int4.generate(messages=msgs, patch=patch, max_tokens=16, stream=False)
-    fresh = onnx_int4.generate(messages=msgs, patch=patch, max_tokens=16, stream=False, cache="off")
+    _, cached, fresh = second_turn_cached_and_fresh(onnx_int4, 8, positions)
     assert cached.reused_tokens > 0 and fresh.reused_tokens == 0
     assert cached.tokens == fresh.tokens
 

@@ -82,6 +82,29 @@ def test_prefix_cache_gives_the_same_gradients(backbone, examples, positions):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
 
 
+def test_lean_memory_settings_give_the_same_gradients(smol_q4, backbone, examples):
+    """No dequantized weights kept (each layer dequantized at every use) and every prefix
+    spilled to disk: the same numbers as the default caches, in less memory."""
+    lean = load_backbone(smol_q4, cache_mb=0)
+    grads = []
+    for bb, prefix_mb in ((backbone, 1024), (lean, 0)):
+        gen = torch.Generator().manual_seed(0)
+        t = Trainer(bb.model, examples[:6], TrainConfig(layers=(9, 20), rank=3, positions="f1+l1", batch_size=6,
+                                                        prefix_cache_mb=prefix_mb), 576)
+        t.prepare()
+        assert len(t.cache.disk) == (6 if prefix_mb == 0 else 0)
+        with torch.no_grad():
+            for w in t.reft.W:
+                w.add_(0.05 * torch.randn(w.shape, generator=gen))
+        loss, n = t.batch_loss(range(6))
+        (loss / n).backward()
+        grads.append([p.grad.clone() for p in t.reft.parameters()] + [loss.detach() / n])
+        t.cache.close()
+    assert lean.cache.used == 0 and backbone.cache.used > 0
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+
+
 def test_loss_goes_down_and_patch_runs(backbone, examples, engine_q4, tmp_path):
     t = Trainer(backbone.model, examples, TrainConfig(layers=(15,), rank=4, positions="l1", batch_size=8,
                                                       epochs=3), 576)
@@ -126,7 +149,7 @@ def test_resume_continues_bit_for_bit(backbone, examples, tmp_path):
 
 @pytest.mark.parametrize("config,match", [
     (dict(layers=(40,)), "layer 40 does not exist"), (dict(rank=0), "rank"), (dict(positions="x1"), "position rule"),
-    (dict(lr=5.0), "lr"), (dict(batch_size=0), "batch_size"),
+    (dict(lr=5.0), "lr"), (dict(batch_size=0), "batch_size"), (dict(weights_cache_mb=-1), "weights_cache_mb"),
 ])
 def test_bad_configs(backbone, examples, config, match):
     with pytest.raises(ReftError, match=match):

@@ -32,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
                     help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="run every step over the whole sequence and model (slower; same result)")
+    ap.add_argument("--weights-cache-mb", type=int, default=1024,
+                    help="MiB of dequantized GGUF weights kept between steps; past it a layer is "
+                         "dequantized at each use (less memory, slower; default 1024)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=1024,
+                    help="MiB of cached prefixes kept in memory; the rest go to disk (default 1024)")
     ap.add_argument("--name", default="")
     ap.add_argument("--description", default="")
     return ap
@@ -44,7 +49,8 @@ def main(argv: list[str]) -> int:
 
     cfg = TrainConfig(layers=a.layers, rank=a.rank, positions=a.positions, epochs=a.epochs, lr=a.lr,
                       batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps,
-                      prefix_cache=not a.no_prefix_cache)
+                      prefix_cache=not a.no_prefix_cache, prefix_cache_mb=a.prefix_cache_mb,
+                      weights_cache_mb=a.weights_cache_mb)
     try:
         patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, eval_data=a.eval_data, resume=a.resume,
                       name=a.name, description=a.description)

@@ -40,7 +40,7 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         examples = encode(read_jsonl(data), prompter)
     finally:
         close()
-    bb = backbone or load_backbone(base, kind)
+    bb = backbone or load_backbone(base, kind, cache_mb=config.weights_cache_mb)
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
     if resume and not trainer.load_checkpoint():
         raise ReftError(f"{ckpt}: no checkpoint to resume")

@@ -39,6 +39,7 @@ class TrainConfig:
     max_steps: int | None = None
     prefix_cache: bool = True         # False: the plain full forward every step (pyreft's way)
     prefix_cache_mb: int = 1024       # memory for cached prefixes before they spill to disk
+    weights_cache_mb: int = 1024      # dequantized GGUF weights kept; the rest dequantized per use
     checkpoint_every: int = 200
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +58,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 1")
+        for name in ("prefix_cache_mb", "weights_cache_mb"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 0 (MiB)")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps: {self.max_steps!r}, expected an integer >= 1")
         if problems:
