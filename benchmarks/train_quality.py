@@ -109,8 +109,9 @@ def main() -> None:
         examples = encode(read_jsonl(train_file), prompter)
         model, params, nbytes, seconds = lora(hf_dir(model_path), examples, a.epochs, a.batch_size, a.lora_lr,
                                               tmp / "lora")
-        acc = score_torch(model, prompter, None, test)
+        acc = score_torch(model.get_base_model(), prompter, None, test)  # the LoRA layers stay injected
         rows.append([f"LoRA r8 q,v (peft, lr {a.lora_lr})", "", params, nbytes, seconds, "-", acc, "-"])
+        print(rows[-1], file=sys.stderr, flush=True)
     for r in rows[1:]:
         r[1] = f"{r[2] / rows[-1][2]:.3f}" if not a.skip_lora and rows[-1][2] else "-"
     print(table(["method", "params / LoRA's", "trainable params", "file bytes", "train s", "acc llama.cpp Q4_1",
