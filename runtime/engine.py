@@ -207,6 +207,12 @@ class EngineBase:
             finally:
                 gen.result = Completion(text.text, out, toks, finish, t1 - t0, time.perf_counter() - t1, reused)
 
+    @property
+    def cached_patch_key(self) -> str | None:
+        """The key of the PatchSet the KV cache was computed under ("" for none), or None when
+        the cache holds nothing (for schedulers that send a request where its state is)."""
+        return self._cache.key if self._cache.tokens else None
+
     def _prefix_to_keep(self, toks: list[int], pset: PatchSet, cache: str) -> int:
         """Positions of the KV cache the new prompt may keep; cuts the cache there."""
         c = self._cache

@@ -5,7 +5,9 @@ mapped once by the OS).  A request takes a free engine for its whole
 generation and gives it back after, so it never shares a context with
 another request; the engine's KV cache is reused only for the same patch
 (its content hash) under the exact rule, so a swap never reuses state
-computed under another patch.  llama.cpp runs with the GIL released, so
+computed under another patch, and the pool sends a request to an engine
+that last ran its patch when it can (bounded unfairness), so reuse survives
+many users.  llama.cpp runs with the GIL released, so
 engines work in parallel threads.
 """
 from __future__ import annotations
@@ -29,22 +31,51 @@ MAX_BODY = 1 << 20
 
 
 class EnginePool:
+    """Free engines and waiting requests.  A request goes to a free engine whose KV cache
+    holds its patch's state if there is one; a freed engine goes to the oldest waiter of the
+    same patch among the next ``window`` waiters, else to the oldest: cache reuse without
+    letting a request be passed over more than ``window`` times."""
+
     def __init__(self, model: str | None, workers: int, **engine_options: Any):
         from . import Engine
         threads = max(1, (os.cpu_count() or 1) // workers)
         self.engines = [Engine(model, n_threads=threads, **engine_options) for _ in range(workers)]
         self.base = self.engines[0].base
-        self._free: asyncio.Queue | None = None
+        self.window = 2 * workers
+        self._idle = list(self.engines)
+        self._waiters: list[tuple[str, asyncio.Future, list[int]]] = []  # key, future, times passed over
 
-    async def acquire(self):
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for e in self.engines:
-                self._free.put_nowait(e)
-        return await self._free.get()
+    async def acquire(self, key: str = ""):
+        if self._idle:
+            match = [e for e in self._idle if e.cached_patch_key == key]
+            engine = match[0] if match else self._idle[0]
+            self._idle.remove(engine)
+            return engine
+        fut = asyncio.get_running_loop().create_future()
+        entry = (key, fut, [0])
+        self._waiters.append(entry)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif fut.done() and not fut.cancelled():
+                self.release(fut.result())
+            raise
 
     def release(self, engine) -> None:
-        self._free.put_nowait(engine)
+        self._waiters = [w for w in self._waiters if not w[1].done()]  # cancelled meanwhile
+        if not self._waiters:
+            self._idle.append(engine)
+            return
+        pick = 0
+        if self._waiters[0][2][0] < self.window:
+            pick = next((i for i, (k, _, _) in enumerate(self._waiters[:self.window])
+                         if k == engine.cached_patch_key), 0)
+        for _, _, passed in self._waiters[:pick]:
+            passed[0] += 1
+        _, fut, _ = self._waiters.pop(pick)
+        fut.set_result(engine)
 
     def close(self) -> None:
         for e in self.engines:
@@ -107,10 +138,11 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     async def _serve(req, source: dict, kind: str):
         patch = store.get(req.patch) if req.patch else None  # 400/403/404/422 before any work
-        opts = dict(source, patch=patch, max_tokens=req.max_tokens, temperature=req.temperature,
+        pset = pool.engines[0].patch_set(patch)  # compiled once; engines of one model share it
+        opts = dict(source, patch=pset, max_tokens=req.max_tokens, temperature=req.temperature,
                     top_p=req.top_p, seed=req.seed, stop=req.stop_list())
         rid = f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        engine = await pool.acquire()
+        engine = await pool.acquire(pset.key)
         if not req.stream:
             try:
                 r = await asyncio.to_thread(lambda: engine.generate(stream=False, **opts))
