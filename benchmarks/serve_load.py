@@ -1,13 +1,14 @@
 """A load test of `edge-reft serve`: many clients, many patches, no leaks.
 
-    python benchmarks/serve_load.py [--requests 200] [--clients 8] [--workers 2]
+    python benchmarks/serve_load.py [--requests 200] [--rounds 4] [--clients 8] [--workers 2]
 
 A real server on 127.0.0.1 (bounded: a fixed number of requests, each with
-a timeout).  Phase 1 sends every request with no patch; phase 2 the same
-prompts with 4 different patches and none, mixed.  Every greedy answer is
-compared with the same request run alone (a cross-user leak would differ);
-errors, p50/p95 latency and throughput are printed, and phase 2's
-throughput relative to phase 1.
+a timeout).  Two phases: every request with no patch, and the same prompts
+with 4 different patches and none, mixed.  They alternate in rounds (ABBA,
+``--requests`` per phase in all), so drift hits both alike.  Every greedy
+answer is compared with the same request run alone (a cross-user leak would
+differ); errors, p50/p95 latency and throughput are printed, and the mixed
+phase's throughput relative to the no-patch phase.
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ async def phase(url: str, jobs: list[tuple[str, str | None]], clients: int, max_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--state-cache-mb", type=float, default=64.0, help="per worker (0: no saved states)")
     a = ap.parse_args()
     from edge_reft.models import default_model
     from edge_reft.patch import random_patch
@@ -73,24 +76,35 @@ def main() -> None:
         for p, n in set(plain) | set(mixed):
             patch = solo.load_patch(folder / f"{n}.reft") if n else None
             want[(p, n)] = solo.generate(p, patch=patch, max_tokens=a.max_tokens, stream=False, cache="off").text
-    rows, tput = [], {}
-    with running_server(model, folder, workers=a.workers, n_ctx=1024) as url:
+    phases = {"no patch": plain, "4 patches + none, mixed": mixed}
+    got: dict[str, list] = {k: [] for k in phases}
+    wall = dict.fromkeys(phases, 0.0)
+    per = a.requests // a.rounds
+    with running_server(model, folder, workers=a.workers, n_ctx=1024,
+                        state_cache_mb=a.state_cache_mb) as url:
         asyncio.run(phase(url, plain[:a.clients], a.clients, a.max_tokens))  # warm-up
-        for label, jobs in (("no patch", plain), ("4 patches + none, mixed", mixed)):
-            res, wall = asyncio.run(phase(url, jobs, a.clients, a.max_tokens))
-            errors = sum(not ok for ok, *_ in res)
-            leaks = sum(ok and text != want[j] for j, (ok, text, *_) in zip(jobs, res))
-            lat = sorted(dt for *_, dt, _ in res)
-            tokens = sum(n for *_, n in res)
-            tput[label] = tokens / wall
-            rows.append([label, len(jobs), errors, leaks, statistics.median(lat) * 1e3,
-                         lat[int(0.95 * (len(lat) - 1))] * 1e3, len(jobs) / wall, tokens / wall])
-            print(f"  {label} done", file=sys.stderr)
+        for r in range(a.rounds):
+            for label in (list(phases) if r % 2 == 0 else list(phases)[::-1]):
+                jobs = phases[label][r * per:(r + 1) * per]
+                res, dt = asyncio.run(phase(url, jobs, a.clients, a.max_tokens))
+                got[label] += zip(jobs, res)
+                wall[label] += dt
+            print(f"  round {r + 1}/{a.rounds} done", file=sys.stderr)
+    rows, tput = [], {}
+    for label, done in got.items():
+        errors = sum(not ok for _, (ok, *_) in done)
+        leaks = sum(ok and text != want[j] for j, (ok, text, *_) in done)
+        lat = sorted(dt for _, (*_, dt, _) in done)
+        tokens = sum(n for _, (*_, n) in done)
+        tput[label] = (len(done) / wall[label], tokens / wall[label])
+        rows.append([label, len(done), errors, leaks, statistics.median(lat) * 1e3,
+                     lat[int(0.95 * (len(lat) - 1))] * 1e3, *tput[label]])
     print(table(["phase", "requests", "errors", "leaks", "p50 ms", "p95 ms", "req/s", "tokens/s"], rows,
                 title=f"\nedge-reft serve on 127.0.0.1: {a.clients} concurrent clients, {a.workers} workers, "
-                      f"{a.max_tokens} new tokens a request, greedy"))
-    ratio = tput["4 patches + none, mixed"] / tput["no patch"]
-    print(f"\nthroughput with patches / without: {ratio:.3f}")
+                      f"{a.max_tokens} new tokens a request, greedy, {a.rounds} interleaved rounds, "
+                      f"saved states {a.state_cache_mb:g} MB a worker"))
+    (rq0, tk0), (rq1, tk1) = tput.values()
+    print(f"\nthroughput with patches / without: {tk1 / tk0:.3f} (tokens/s), {rq1 / rq0:.3f} (requests/s)")
 
 
 if __name__ == "__main__":

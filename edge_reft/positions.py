@@ -92,18 +92,23 @@ def edit_signature(rules: Sequence[PositionRule], n_prompt: int, n_total: int) -
 
 
 def reusable_prefix(old_tokens: Sequence[int], old_sig: np.ndarray,
-                    new_tokens: Sequence[int], new_sig: np.ndarray) -> int:
+                    new_tokens: Sequence[int], new_sig: np.ndarray, same_edits: bool = True) -> int:
     """How many leading positions of a cached sequence a new one may keep.
 
     The KV cache of a position depends on the tokens and the edits at and
     before it, so the prefix ends at the first position where either differs
     (the DESIGN's multi-turn rule: positions edited before but not now, or the
-    reverse, are recomputed from the first such position).
+    reverse, are recomputed from the first such position).  Signatures name
+    interventions by index within their own patch set, so when the sequences
+    were edited by different sets (``same_edits=False``) the prefix also ends
+    at the first position either edits: before it, both hold what no patch computes.
     """
     n = min(len(old_tokens), len(new_tokens), len(old_sig), len(new_sig))
     if n == 0:
         return 0
     a = np.asarray(old_tokens[:n], dtype=np.int64) != np.asarray(new_tokens[:n], dtype=np.int64)
     diff = a | (old_sig[:n] != new_sig[:n])
+    if not same_edits:
+        diff |= (old_sig[:n] != 0) | (new_sig[:n] != 0)
     hits = np.flatnonzero(diff)
     return int(hits[0]) if hits.size else n

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from edge_reft.positions import reusable_prefix
 from edge_reft.reftfile import load_patch
 
 from .edits import EMPTY, PatchSet
+from .kvstates import SavedStates
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
 
@@ -68,9 +69,16 @@ class Generation:
         return self.result
 
 
+# A reused prompt is never resumed with a single token: llama.cpp's CPU attention takes
+# another kernel for a one-token batch (ggml_vec_dot instead of llamafile's sgemm, which
+# needs n >= 2), whose rounding differs (max |logit difference| 0.39 measured on SmolLM2
+# Q4_1); with two or more, reuse is bitwise what recomputing gives (x86-64, tested).
+MIN_RECOMPUTED = 2
+
+
 @dataclass
 class _Cache:
-    key: str = ""                       # the PatchSet the cached states were computed under
+    pset: PatchSet = EMPTY              # the patches the cached states were computed under
     tokens: list[int] = field(default_factory=list)
     n_prompt: int = 0
 
@@ -81,9 +89,10 @@ class EngineBase:
     n_ubatch: int
     chat: ChatTemplate | None
 
-    def __init__(self) -> None:
+    def __init__(self, state_cache_mb: float = 0.0) -> None:
         self._lock = threading.Lock()
         self._cache = _Cache()
+        self._states: SavedStates[_Cache] = SavedStates(int(state_cache_mb * (1 << 20)))
         self._patch_cache: dict[tuple[str, int, int], Patch] = {}
 
     # ---- backend primitives ------------------------------------------------------------
@@ -102,6 +111,14 @@ class EngineBase:
 
     def _keep(self, n: int) -> bool:
         raise NotImplementedError
+
+    def _save_state(self) -> Any:
+        """The KV cache's content as an object with len() in bytes, or None (not supported)."""
+        return None
+
+    def _load_state(self, blob: Any) -> bool:
+        """Replace the KV cache's content with a saved one; False if that failed."""
+        return False
 
     def close(self) -> None:
         pass
@@ -182,7 +199,7 @@ class EngineBase:
             reused = self._prefix_to_keep(toks, pset, cache)
             self._cache = _Cache()  # until the prompt is in, the KV cache matches nothing
             logits = self._forward(toks[reused:], reused, n_prompt, pset)
-            self._cache = _Cache(pset.key, list(toks), n_prompt)
+            self._cache = _Cache(pset, list(toks), n_prompt)
             t1 = time.perf_counter()
             sampler, text, out, finish = Sampler(sampling), TextStream(stop), [], "length"
             try:
@@ -207,24 +224,32 @@ class EngineBase:
             finally:
                 gen.result = Completion(text.text, out, toks, finish, t1 - t0, time.perf_counter() - t1, reused)
 
-    @property
-    def cached_patch_key(self) -> str | None:
-        """The key of the PatchSet the KV cache was computed under ("" for none), or None when
-        the cache holds nothing (for schedulers that send a request where its state is)."""
-        return self._cache.key if self._cache.tokens else None
+    def holds_state(self, key: str) -> bool:
+        """Whether this engine holds KV state computed under the PatchSet ``key`` ("" for
+        none), live or saved (for schedulers that send a request where its state is)."""
+        return (bool(self._cache.tokens) and self._cache.pset.key == key) or key in self._states
 
     def _prefix_to_keep(self, toks: list[int], pset: PatchSet, cache: str) -> int:
-        """Positions of the KV cache the new prompt may keep; cuts the cache there."""
+        """Positions of the KV cache the new prompt may keep; cuts the cache there.  Under
+        other patches than the cache's, first saves the cache and restores the state last
+        computed under the new patches, if that shares more (see kvstates)."""
         c = self._cache
-        n = 0
-        if cache != "off" and c.key == pset.key and c.tokens:
-            if cache == "fast":
-                n = reusable_prefix(c.tokens, np.zeros(len(c.tokens), np.uint64), toks,
-                                    np.zeros(len(toks), np.uint64))
-            else:
-                n = reusable_prefix(c.tokens, pset.signature(c.n_prompt, len(c.tokens)),
-                                    toks, pset.signature(len(toks), len(toks)))
-        n = min(n, len(toks) - 1)  # the last prompt token is always run: its logits are needed
+        n = _shared(c, toks, pset, cache)
+        if cache != "off" and self._states.limit and c.pset.key != pset.key:
+            saved = self._states.take(pset.key)
+            if c.tokens:
+                blob = self._save_state()
+                if blob is not None:
+                    self._states.put(c.pset.key, c, blob)
+            if saved is not None:
+                m = _shared(saved[0], toks, pset, cache)
+                if m <= n:
+                    self._states.put(pset.key, *saved)
+                elif self._load_state(saved[1]):
+                    self._cache, n = saved[0], m
+                else:
+                    n = 0
+        n = max(0, min(n, len(toks) - MIN_RECOMPUTED))
         if not self._keep(n):
             n = 0
             self._keep(0)
@@ -240,3 +265,18 @@ class EngineBase:
             self._keep(0)
             return self._forward(list(tokens), 0, len(tokens) if n_prompt is None else n_prompt,
                                  pset, all_logits=not last_only)
+
+
+def _shared(c: _Cache, toks: list[int], pset: PatchSet, cache: str) -> int:
+    """Leading positions of cache ``c`` a prompt under ``pset`` may keep.  Under the same
+    patches: up to the first position whose token or edits differ (``fast``: whose token
+    differs).  Under other patches: only positions before anything either set edits, which
+    hold exactly what no patch computes."""
+    if cache == "off" or not c.tokens:
+        return 0
+    same = c.pset.key == pset.key
+    if same and cache == "fast":
+        return reusable_prefix(c.tokens, np.zeros(len(c.tokens), np.uint64), toks,
+                               np.zeros(len(toks), np.uint64))
+    return reusable_prefix(c.tokens, c.pset.signature(c.n_prompt, len(c.tokens)),
+                           toks, pset.signature(len(toks), len(toks)), same_edits=same)

@@ -214,6 +214,23 @@ class Native:
             return True
         return bool(C.llama_memory_seq_rm(self.memory, 0, n, -1))
 
+    def save_state(self) -> ctypes.Array:
+        """The KV cache's cells (llama.cpp's per-sequence state) as a byte array."""
+        size = C.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = C.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        if got != size:
+            raise BackendError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+        return buf
+
+    def load_state(self, buf: ctypes.Array) -> bool:
+        """Replace the KV cache with a saved state; False (and an empty cache) if it failed."""
+        C.llama_memory_clear(self.memory, True)
+        if C.llama_state_seq_set_data(self.ctx, buf, len(buf), 0) == len(buf):
+            return True
+        C.llama_memory_clear(self.memory, True)
+        return False
+
     # ---- llama.cpp's own adapters (oracle tests, benchmarks) ---------------------------
     def set_control_vector(self, vector: np.ndarray | None, layer: int) -> None:
         """Add ``vector`` at ``l_out`` of ``layer`` (>= 1) with llama.cpp's own control vectors."""

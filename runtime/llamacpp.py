@@ -161,14 +161,28 @@ def make_hook(gate: str, n_embd: int) -> EvalHook | NativeHook:
     return NativeHook(lib, n_embd) if lib is not None else EvalHook(n_embd)
 
 
+def ubatches(n: int, size: int) -> list[tuple[int, int]]:
+    """Split n tokens into ubatches of at most ``size``, none of one token when n > 1 (a
+    one-token batch takes other attention kernels: see engine.MIN_RECOMPUTED)."""
+    bounds = list(range(0, n, size)) + [n]
+    if size > 2 and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return list(zip(bounds, bounds[1:]))
+
+
 class LlamaCppEngine(EngineBase):
-    """Generate with a GGUF model through llama.cpp, applying patches per call."""
+    """Generate with a GGUF model through llama.cpp, applying patches per call.
+
+    ``state_cache_mb`` bounds the KV states kept for patches other than the current one
+    (runtime/kvstates.py; 0 turns it off): a context serving many users resumes each one.
+    """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
                  flash_attn: bool = False, kv_f32: bool = False, op_offload: bool = True,
-                 patches: bool = True, gate: str = "auto", verbose: bool = False):
-        super().__init__()
+                 patches: bool = True, gate: str = "auto", state_cache_mb: float = 64.0,
+                 verbose: bool = False):
+        super().__init__(state_cache_mb)
         path = os.fspath(model) if model is not None else str(default_model())
         if not os.path.isfile(path):
             raise ReftError(f"{path}: no such model file (expected a .gguf)")
@@ -191,6 +205,7 @@ class LlamaCppEngine(EngineBase):
         self.n_ctx, self.n_ubatch = self.native.n_ctx, self.native.n_ubatch
 
     def close(self) -> None:
+        self._states.clear()
         self.native.close()
         if self.hook is not None:
             self.hook.close()
@@ -207,14 +222,20 @@ class LlamaCppEngine(EngineBase):
     def _keep(self, n: int) -> bool:
         return self.native.keep(n)
 
+    def _save_state(self) -> ctypes.Array:
+        return self.native.save_state()
+
+    def _load_state(self, blob: ctypes.Array) -> bool:
+        return self.native.load_state(blob)
+
     def _forward(self, tokens: Sequence[int], start: int, n_prompt: int, pset: PatchSet,
                  all_logits: bool = False) -> np.ndarray:
         if pset and self.hook is None:
             raise ReftError("this engine was created with patches=False; it cannot apply a patch")
         toks = np.asarray(tokens, dtype=np.int32)
-        n, step, rows = len(toks), self.n_ubatch, []
-        for a in range(0, n, step):
-            chunk = toks[a:a + step]
+        n, rows = len(toks), []
+        for a, b in ubatches(n, self.n_ubatch):
+            chunk = toks[a:b]
             m = len(chunk)
             outputs = np.zeros(m, dtype=np.int8)
             if all_logits:

@@ -3,12 +3,14 @@
 Concurrency: a pool of engines (one llama.cpp context each, the model file
 mapped once by the OS).  A request takes a free engine for its whole
 generation and gives it back after, so it never shares a context with
-another request; the engine's KV cache is reused only for the same patch
-(its content hash) under the exact rule, so a swap never reuses state
-computed under another patch, and the pool sends a request to an engine
-that last ran its patch when it can (bounded unfairness), so reuse survives
-many users.  llama.cpp runs with the GIL released, so
-engines work in parallel threads.
+another request.  An engine reuses KV state only under the exact rule: for
+the same patch (its content hash) up to the first position whose edit
+differs; for another patch only positions neither patch edits (what no patch
+computes).  Each engine also keeps the state last computed under each patch
+(runtime/kvstates.py) and the pool sends a request to an engine holding
+state for its patch when it can (bounded unfairness), so reuse survives
+many users.  llama.cpp runs with the GIL released, so engines work in
+parallel threads.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ MAX_BODY = 1 << 20
 
 
 class EnginePool:
-    """Free engines and waiting requests.  A request goes to a free engine whose KV cache
-    holds its patch's state if there is one; a freed engine goes to the oldest waiter of the
-    same patch among the next ``window`` waiters, else to the oldest: cache reuse without
-    letting a request be passed over more than ``window`` times."""
+    """Free engines and waiting requests.  A request goes to a free engine that holds KV
+    state computed under its patch if there is one; a freed engine goes to the oldest waiter
+    whose patch it holds state for among the next ``window`` waiters, else to the oldest:
+    cache reuse without letting a request be passed over more than ``window`` times."""
 
     def __init__(self, model: str | None, workers: int, **engine_options: Any):
         from . import Engine
@@ -47,7 +49,7 @@ class EnginePool:
 
     async def acquire(self, key: str = ""):
         if self._idle:
-            match = [e for e in self._idle if e.cached_patch_key == key]
+            match = [e for e in self._idle if e.holds_state(key)]
             engine = match[0] if match else self._idle[0]
             self._idle.remove(engine)
             return engine
@@ -71,7 +73,7 @@ class EnginePool:
         pick = 0
         if self._waiters[0][2][0] < self.window:
             pick = next((i for i, (k, _, _) in enumerate(self._waiters[:self.window])
-                         if k == engine.cached_patch_key), 0)
+                         if engine.holds_state(k)), 0)
         for _, _, passed in self._waiters[:pick]:
             passed[0] += 1
         _, fut, _ = self._waiters.pop(pick)

@@ -11,6 +11,8 @@ from edge_reft.errors import BackendError, PatchMismatchError, ReftError
 from edge_reft.hf import reference_greedy, reference_logits
 from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
+from edge_reft.runtime.edits import EMPTY
+from edge_reft.runtime.engine import MIN_RECOMPUTED
 from oracles import patch_and_control_vector, second_turn_cached_and_fresh
 
 PROMPT = "Tell me about the moon and its phases."
@@ -71,17 +73,68 @@ def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
     np.testing.assert_array_equal(ours, oracle)
 
 
-def test_swapping_patches_never_reuses_state(engine_q4):
+@pytest.fixture(scope="module")
+def swaps(engine_q4):
+    """Three strong patches (two l1, one f1+l1) and each one's answer from a fresh engine."""
     a = random_patch(engine_q4.base, [(15, "l1", 4)], scale=8.0, seed=1)
     b = random_patch(engine_q4.base, [(15, "l1", 4)], scale=8.0, seed=2)
+    c = random_patch(engine_q4.base, [(15, "f1+l1", 4)], scale=8.0, seed=3)
+    patches = {"a": a, "b": b, "c": c, "none": None}
     fresh = {}
-    for name, p in (("a", a), ("b", b), ("none", None)):
+    for name, p in patches.items():
         with Engine(engine_q4.path, n_ctx=1024) as solo:
             fresh[name] = solo.generate(PROMPT, patch=p, max_tokens=24, stream=False).tokens
-    assert len({tuple(v) for v in fresh.values()}) == 3, "the patches must produce different outputs"
-    for name in ("a", "b", "a", "none", "b", "none", "a"):
-        got = engine_q4.generate(PROMPT, patch={"a": a, "b": b}.get(name), max_tokens=24, stream=False)
+    assert len({tuple(v) for v in fresh.values()}) == 4, "the patches must produce different outputs"
+    return patches, fresh
+
+
+def _run_swaps(engine, patches, fresh, order) -> list[int]:
+    engine.generate(PROMPT, max_tokens=1, stream=False)
+    reused = []
+    for name in order:
+        got = engine.generate(PROMPT, patch=patches[name], max_tokens=24, stream=False)
         assert got.tokens == fresh[name], name
+        reused.append(got.reused_tokens)
+    return reused
+
+
+ORDER = ("a", "b", "a", "none", "b", "c", "none", "c", "a")
+
+
+def test_swapping_patches_reuses_only_unedited_state(engine_q4, swaps):
+    """Across patches the cache keeps only positions neither patch edits (what no patch
+    computes); every answer equals a fresh engine's."""
+    n = len(engine_q4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
+    with Engine(engine_q4.path, n_ctx=1024, state_cache_mb=0) as engine:
+        # l1 edits only the last prompt position; f1 edits the first, so nothing is shared
+        assert _run_swaps(engine, *swaps, ORDER) == [n, n, n, n, n, 0, 0, 0, 0]
+
+
+def test_saved_states_resume_each_patch(engine_q4, swaps):
+    """With saved states a context resumes the state last computed under each patch (the
+    second f1+l1 request reuses its prompt), with answers still equal to a fresh engine's."""
+    n = len(engine_q4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
+    with Engine(engine_q4.path, n_ctx=1024) as engine:
+        assert _run_swaps(engine, *swaps, ORDER) == [n, n, n, n, n, 0, n, n, n]
+        assert engine.holds_state("") and all(engine.holds_state(engine.patch_set(p).key)
+                                              for p in swaps[0].values())
+    with Engine(engine_q4.path, n_ctx=1024, state_cache_mb=0.001) as tiny:  # nothing fits
+        assert _run_swaps(tiny, *swaps, ORDER) == [n, n, n, n, n, 0, 0, 0, 0]
+
+
+def test_resuming_a_prompt_is_bitwise_recomputing(engine_q4):
+    """A prompt resumed from the KV cache at any point (two or more tokens left), or split
+    into ubatches of any size, gives the logits of computing it at once, bit for bit."""
+    toks = engine_q4.prompt_tokens(PROMPT)
+    n = len(toks)
+    ref = engine_q4.logits(toks, last_only=True)
+    for k in (1, 5, n // 2, n - 2):
+        engine_q4.logits(toks[:k])  # leaves positions < k in the cache
+        engine_q4._keep(k)
+        np.testing.assert_array_equal(engine_q4._forward(toks[k:], k, n, EMPTY), ref, err_msg=f"k={k}")
+    size = next(s for s in range(3, n) if n % s == 1)  # leaves a one-token tail to rebalance
+    with Engine(engine_q4.path, n_ctx=1024, n_ubatch=size) as small:
+        np.testing.assert_array_equal(small.logits(toks, last_only=True), ref)
 
 
 @pytest.mark.parametrize("positions", ["l2", "f1+l1", "all"])
@@ -178,3 +231,18 @@ def test_q4_greedy_agreement_with_torch(engine_q4, hf_smol):
     print(f"\nQ4_1 vs float32 torch, patched greedy: teacher-forced agreement {agree}/{total} = "
           f"{agree / total:.3f}; free-running identical prefix {prefix}/{total_free} = {prefix / total_free:.3f}")
     assert agree / total >= 0.95
+
+
+def test_saved_states_are_bounded_least_recently_used():
+    from edge_reft.runtime.kvstates import SavedStates
+    s = SavedStates(100)
+    s.put("a", "ca", b"x" * 40)
+    s.put("b", "cb", b"x" * 40)
+    s.put("a", "ca2", b"x" * 30)           # replaces a, now the most recent
+    assert s.nbytes == 70 and len(s) == 2
+    s.put("c", "cc", b"x" * 50)            # evicts b, the least recently used
+    assert "b" not in s and s.nbytes == 80
+    s.put("d", "cd", b"x" * 101)           # larger than the limit: not kept, nothing evicted
+    assert "d" not in s and s.nbytes == 80
+    assert s.take("a") == ("ca2", b"x" * 30) and "a" not in s and s.nbytes == 50
+    assert s.take("a") is None

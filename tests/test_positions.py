@@ -62,6 +62,20 @@ def test_signature_and_reuse_on_multi_turn():
                            edit_signature([f1], 4, 4)) == 2
 
 
+def test_across_patch_sets_only_unedited_positions_are_kept():
+    """Bit i names intervention i of *its own* set, so equal signatures from two different
+    sets prove nothing: only positions that neither set edits may be shared."""
+    toks = list(range(12))
+    l1, l2, f1 = (PositionRule.parse(r) for r in ("l1", "l2", "f1+l1"))
+    old, new = edit_signature([l1], 10, 12), edit_signature([l1], 12, 12)
+    assert reusable_prefix(toks[:10] + [50, 51], old, toks, new) == 9      # same patch: up to its edit
+    assert reusable_prefix(toks[:10] + [50, 51], old, toks, new, same_edits=False) == 9
+    assert reusable_prefix(toks, new, toks, edit_signature([l2], 12, 12), same_edits=False) == 10
+    assert reusable_prefix(toks, new, toks, edit_signature([f1], 12, 12), same_edits=False) == 0
+    assert reusable_prefix(toks, new, toks, new, same_edits=False) == 11   # same bits, other patch
+    assert reusable_prefix(toks, new, toks, np.zeros(12, np.uint64), same_edits=False) == 11
+
+
 def test_signature_bits_per_intervention():
     rules = [PositionRule.parse(r) for r in ("f1", "l1", "all")]
     sig = edit_signature(rules, n_prompt=3, n_total=5)
