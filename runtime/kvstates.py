@@ -16,6 +16,16 @@ from typing import Any, Generic, TypeVar
 C = TypeVar("C")
 
 
+class ArrayState:
+    """A saved state made of numpy arrays (backends that hold their KV cache in numpy)."""
+
+    def __init__(self, arrays: dict[str, Any], n: int):
+        self.arrays, self.n = arrays, n
+
+    def __len__(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
 class SavedStates(Generic[C]):
     """Least recently used states within ``limit_bytes``, keyed by PatchSet key."""
 

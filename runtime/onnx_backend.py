@@ -27,6 +27,7 @@ from edge_reft.errors import BackendError, ReftError
 
 from .edits import PatchSet
 from .engine import Completion, EngineBase, PatchLike
+from .kvstates import ArrayState
 from .onnx_model import Export, Vocab
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
@@ -79,8 +80,8 @@ class OnnxEngine(EngineBase):
     """Generate with an export-onnx folder through onnxruntime, applying patches per call."""
 
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 2048, n_threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
-        super().__init__()
+                 providers: Sequence[str] = ("CPUExecutionProvider",), state_cache_mb: float = 64.0):
+        super().__init__(state_cache_mb)
         import onnxruntime as ort
         if model is None or not os.path.isdir(model):
             raise ReftError(f"{model}: the ONNX backend takes a folder made by `edge-reft export-onnx`")
@@ -115,6 +116,7 @@ class OnnxEngine(EngineBase):
         self._weights_key: str | None = None
 
     def close(self) -> None:
+        self._states.clear()
         self.session = self.kv = None  # the session and the KV buffers go with the last reference
 
     def _check_open(self) -> None:
@@ -135,6 +137,16 @@ class OnnxEngine(EngineBase):
         if n > self._n_past:
             return False
         self._n_past = n
+        return True
+
+    def _save_state(self) -> ArrayState:
+        n = self._n_past
+        return ArrayState({k: b[:, :, :n].copy() for k, b in self.kv.buffers.items()}, n)
+
+    def _load_state(self, state: ArrayState) -> bool:
+        for k, a in state.arrays.items():
+            self.kv.buffers[k][:, :, :state.n] = a
+        self._n_past = state.n
         return True
 
     def patch_set(self, patch: PatchLike | Sequence[PatchLike], allow_mismatch: bool = False) -> PatchSet:

@@ -40,3 +40,31 @@ def second_turn_cached_and_fresh(engine, layer: int, positions: str):
     cached = engine.generate(messages=msgs, patch=patch, max_tokens=16, stream=False)
     fresh = engine.generate(messages=msgs, patch=patch, max_tokens=16, stream=False, cache="off")
     return patch, cached, fresh
+
+
+SWAP_ORDER = ("a", "b", "a", "none", "b", "c", "none", "c", "a")
+
+
+def swap_patches(base: BaseModel) -> dict[str, Patch | None]:
+    """Two strong l1 patches, one f1+l1 (it edits position 0, so shares nothing), and none."""
+    return {"a": random_patch(base, [(15, "l1", 4)], scale=8.0, seed=1),
+            "b": random_patch(base, [(15, "l1", 4)], scale=8.0, seed=2),
+            "c": random_patch(base, [(15, "f1+l1", 4)], scale=8.0, seed=3), "none": None}
+
+
+def run_swaps(engine, prompt: str, patches: dict, fresh: dict, max_tokens: int) -> list[int]:
+    """Generate ``prompt`` under the patches in SWAP_ORDER on one engine (after a no-patch
+    run); every answer must equal ``fresh`` (a fresh engine's).  Returns the reused counts."""
+    engine.generate(prompt, max_tokens=1, stream=False)
+    reused = []
+    for name in SWAP_ORDER:
+        got = engine.generate(prompt, patch=patches[name], max_tokens=max_tokens, stream=False)
+        assert got.tokens == fresh[name], name
+        reused.append(got.reused_tokens)
+    return reused
+
+
+def expected_reuse(n: int, saved_states: bool) -> list[int]:
+    """For SWAP_ORDER with a prompt of n kept positions: l1 patches and none share all but the
+    last positions; "c" shares nothing, unless its own state was saved (its second run)."""
+    return [n, n, n, n, n, 0, n if saved_states else 0, n if saved_states else 0, n if saved_states else 0]

@@ -13,7 +13,8 @@ from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
 from edge_reft.runtime.edits import EMPTY
 from edge_reft.runtime.engine import MIN_RECOMPUTED
-from oracles import patch_and_control_vector, second_turn_cached_and_fresh
+from oracles import (expected_reuse, patch_and_control_vector, run_swaps, second_turn_cached_and_fresh,
+                     swap_patches)
 
 PROMPT = "Tell me about the moon and its phases."
 PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 1-8
@@ -75,11 +76,8 @@ def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
 
 @pytest.fixture(scope="module")
 def swaps(engine_q4):
-    """Three strong patches (two l1, one f1+l1) and each one's answer from a fresh engine."""
-    a = random_patch(engine_q4.base, [(15, "l1", 4)], scale=8.0, seed=1)
-    b = random_patch(engine_q4.base, [(15, "l1", 4)], scale=8.0, seed=2)
-    c = random_patch(engine_q4.base, [(15, "f1+l1", 4)], scale=8.0, seed=3)
-    patches = {"a": a, "b": b, "c": c, "none": None}
+    """The swap patches and each one's answer from a fresh engine."""
+    patches = swap_patches(engine_q4.base)
     fresh = {}
     for name, p in patches.items():
         with Engine(engine_q4.path, n_ctx=1024) as solo:
@@ -88,26 +86,12 @@ def swaps(engine_q4):
     return patches, fresh
 
 
-def _run_swaps(engine, patches, fresh, order) -> list[int]:
-    engine.generate(PROMPT, max_tokens=1, stream=False)
-    reused = []
-    for name in order:
-        got = engine.generate(PROMPT, patch=patches[name], max_tokens=24, stream=False)
-        assert got.tokens == fresh[name], name
-        reused.append(got.reused_tokens)
-    return reused
-
-
-ORDER = ("a", "b", "a", "none", "b", "c", "none", "c", "a")
-
-
 def test_swapping_patches_reuses_only_unedited_state(engine_q4, swaps):
     """Across patches the cache keeps only positions neither patch edits (what no patch
     computes); every answer equals a fresh engine's."""
     n = len(engine_q4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
     with Engine(engine_q4.path, n_ctx=1024, state_cache_mb=0) as engine:
-        # l1 edits only the last prompt position; f1 edits the first, so nothing is shared
-        assert _run_swaps(engine, *swaps, ORDER) == [n, n, n, n, n, 0, 0, 0, 0]
+        assert run_swaps(engine, PROMPT, *swaps, 24) == expected_reuse(n, saved_states=False)
 
 
 def test_saved_states_resume_each_patch(engine_q4, swaps):
@@ -115,11 +99,11 @@ def test_saved_states_resume_each_patch(engine_q4, swaps):
     second f1+l1 request reuses its prompt), with answers still equal to a fresh engine's."""
     n = len(engine_q4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
     with Engine(engine_q4.path, n_ctx=1024) as engine:
-        assert _run_swaps(engine, *swaps, ORDER) == [n, n, n, n, n, 0, n, n, n]
+        assert run_swaps(engine, PROMPT, *swaps, 24) == expected_reuse(n, saved_states=True)
         assert engine.holds_state("") and all(engine.holds_state(engine.patch_set(p).key)
                                               for p in swaps[0].values())
     with Engine(engine_q4.path, n_ctx=1024, state_cache_mb=0.001) as tiny:  # nothing fits
-        assert _run_swaps(tiny, *swaps, ORDER) == [n, n, n, n, n, 0, 0, 0, 0]
+        assert run_swaps(tiny, PROMPT, *swaps, 24) == expected_reuse(n, saved_states=False)
 
 
 def test_resuming_a_prompt_is_bitwise_recomputing(engine_q4):

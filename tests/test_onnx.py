@@ -16,7 +16,7 @@ import pytest
 from edge_reft.errors import PatchMismatchError, ReftError
 from edge_reft.patch import BaseModel, Intervention, Patch, identity, random_patch
 from edge_reft.reftfile import save_patch
-from oracles import second_turn_cached_and_fresh
+from oracles import expected_reuse, run_swaps, second_turn_cached_and_fresh, swap_patches
 
 LAYERS = (0, 8, 15, 22, 29)   # exported blocks: first, middle, last (the final norm's input)
 PROMPT = "Tell me about the moon and its phases."
@@ -133,20 +133,24 @@ def test_batch_of_four_patches_equals_single_runs(engine, request):
     assert mixed[1].tokens == single[1].tokens[:8]
 
 
-def test_patches_swap_without_a_new_session(onnx_int4, onnx_int4_dir):
+@pytest.mark.parametrize("saved_states", [False, True])
+def test_patches_swap_without_a_new_session(onnx_int4, onnx_int4_dir, saved_states):
+    """Patches swap per call on one session; across patches only unedited positions are
+    reused, and saved states resume each patch's prompt; answers equal a fresh engine's."""
     from edge_reft.runtime import Engine
-    a = random_patch(onnx_int4.base, [(15, "l1", 4)], scale=8.0, seed=1)
-    b = random_patch(onnx_int4.base, [(15, "l1", 4)], scale=8.0, seed=2)
+    from edge_reft.runtime.engine import MIN_RECOMPUTED
+    patches = swap_patches(onnx_int4.base)
     fresh = {}
-    for name, p in (("a", a), ("b", b), ("none", None)):
+    for name, p in patches.items():
         with Engine(onnx_int4_dir, backend="onnx", n_ctx=256, n_threads=2) as solo:
             fresh[name] = solo.generate(PROMPT, patch=p, max_tokens=16, stream=False).tokens
-    assert len({tuple(v) for v in fresh.values()}) == 3
-    session = onnx_int4.session
-    for name in ("a", "b", "a", "none", "b", "none", "a"):
-        got = onnx_int4.generate(PROMPT, patch={"a": a, "b": b}.get(name), max_tokens=16, stream=False)
-        assert got.tokens == fresh[name], name
-    assert onnx_int4.session is session
+    assert len({tuple(v) for v in fresh.values()}) == 4
+    n = len(onnx_int4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
+    with Engine(onnx_int4_dir, backend="onnx", n_ctx=256, n_threads=2,
+                state_cache_mb=64 if saved_states else 0) as e:
+        session = e.session
+        assert run_swaps(e, PROMPT, patches, fresh, 16) == expected_reuse(n, saved_states)
+        assert e.session is session
 
 
 def _stacked(base, n, layer=15, rank=4):
