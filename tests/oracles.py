@@ -52,6 +52,17 @@ def swap_patches(base: BaseModel) -> dict[str, Patch | None]:
             "c": random_patch(base, [(15, "f1+l1", 4)], scale=8.0, seed=3), "none": None}
 
 
+def fresh_answers(open_engine, patches: dict, prompt: str, max_tokens: int) -> dict[str, list[int]]:
+    """Each patch's greedy answer to ``prompt`` from its own fresh engine (``open_engine()``);
+    the patches must all answer differently, or the swap tests could not see a leak."""
+    fresh = {}
+    for name, p in patches.items():
+        with open_engine() as solo:
+            fresh[name] = solo.generate(prompt, patch=p, max_tokens=max_tokens, stream=False).tokens
+    assert len({tuple(v) for v in fresh.values()}) == len(patches), "the patches must produce different outputs"
+    return fresh
+
+
 def run_swaps(engine, prompt: str, patches: dict, fresh: dict, max_tokens: int) -> list[int]:
     """Generate ``prompt`` under the patches in SWAP_ORDER on one engine (after a no-patch
     run); every answer must equal ``fresh`` (a fresh engine's).  Returns the reused counts."""
@@ -67,4 +78,5 @@ def run_swaps(engine, prompt: str, patches: dict, fresh: dict, max_tokens: int) 
 def expected_reuse(n: int, saved_states: bool) -> list[int]:
     """For SWAP_ORDER with a prompt of n kept positions: l1 patches and none share all but the
     last positions; "c" shares nothing, unless its own state was saved (its second run)."""
-    return [n, n, n, n, n, 0, n if saved_states else 0, n if saved_states else 0, n if saved_states else 0]
+    c = n if saved_states else 0
+    return [n, n, n, n, n, 0, c, c, c]

@@ -13,8 +13,8 @@ from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
 from edge_reft.runtime.edits import EMPTY
 from edge_reft.runtime.engine import MIN_RECOMPUTED
-from oracles import (expected_reuse, patch_and_control_vector, run_swaps, second_turn_cached_and_fresh,
-                     swap_patches)
+from oracles import (expected_reuse, fresh_answers, patch_and_control_vector, run_swaps,
+                     second_turn_cached_and_fresh, swap_patches)
 
 PROMPT = "Tell me about the moon and its phases."
 PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 1-8
@@ -78,12 +78,7 @@ def test_matches_llama_cpp_control_vector_bit_for_bit(engines_q4, layer, gate):
 def swaps(engine_q4):
     """The swap patches and each one's answer from a fresh engine."""
     patches = swap_patches(engine_q4.base)
-    fresh = {}
-    for name, p in patches.items():
-        with Engine(engine_q4.path, n_ctx=1024) as solo:
-            fresh[name] = solo.generate(PROMPT, patch=p, max_tokens=24, stream=False).tokens
-    assert len({tuple(v) for v in fresh.values()}) == 4, "the patches must produce different outputs"
-    return patches, fresh
+    return patches, fresh_answers(lambda: Engine(engine_q4.path, n_ctx=1024), patches, PROMPT, 24)
 
 
 def test_swapping_patches_reuses_only_unedited_state(engine_q4, swaps):

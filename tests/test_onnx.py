@@ -16,7 +16,7 @@ import pytest
 from edge_reft.errors import PatchMismatchError, ReftError
 from edge_reft.patch import BaseModel, Intervention, Patch, identity, random_patch
 from edge_reft.reftfile import save_patch
-from oracles import expected_reuse, run_swaps, second_turn_cached_and_fresh, swap_patches
+from oracles import expected_reuse, fresh_answers, run_swaps, second_turn_cached_and_fresh, swap_patches
 
 LAYERS = (0, 8, 15, 22, 29)   # exported blocks: first, middle, last (the final norm's input)
 PROMPT = "Tell me about the moon and its phases."
@@ -140,11 +140,8 @@ def test_patches_swap_without_a_new_session(onnx_int4, onnx_int4_dir, saved_stat
     from edge_reft.runtime import Engine
     from edge_reft.runtime.engine import MIN_RECOMPUTED
     patches = swap_patches(onnx_int4.base)
-    fresh = {}
-    for name, p in patches.items():
-        with Engine(onnx_int4_dir, backend="onnx", n_ctx=256, n_threads=2) as solo:
-            fresh[name] = solo.generate(PROMPT, patch=p, max_tokens=16, stream=False).tokens
-    assert len({tuple(v) for v in fresh.values()}) == 4
+    fresh = fresh_answers(lambda: Engine(onnx_int4_dir, backend="onnx", n_ctx=256, n_threads=2),
+                          patches, PROMPT, 16)
     n = len(onnx_int4.prompt_tokens(PROMPT)) - MIN_RECOMPUTED
     with Engine(onnx_int4_dir, backend="onnx", n_ctx=256, n_threads=2,
                 state_cache_mb=64 if saved_states else 0) as e:
