@@ -1,10 +1,28 @@
 """Only the native gate lives here; everything else is in pyproject.toml.
 
-runtime/gate.c is llama.cpp's eval callback in C.  It is optional: without a
-C compiler the package installs and the runtime falls back to the Python
+runtime/gate.c is llama.cpp's eval callback in C (portable C99: gcc, clang,
+MSVC).  It is optional: without a working C compiler the package still
+installs, says so in one line, and the runtime falls back to the Python
 callback (slower per token, same results).
 """
-from setuptools import Extension, setup
+import sys
 
-setup(ext_modules=[Extension("edge_reft.runtime._gate", ["runtime/gate.c"], optional=True,
-                             extra_compile_args=["-O3"])])
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# optimization flags in each compiler family's own spelling
+FLAGS = {"msvc": ["/O2"], "unix": ["-O3", "-fvisibility=hidden"], "mingw32": ["-O3"]}
+
+
+class GateBuild(build_ext):
+    def build_extension(self, ext):
+        ext.extra_compile_args = FLAGS.get(self.compiler.compiler_type, [])
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # no compiler, no Python headers, a compiler error
+            print(f"edge-reft: the native gate was not built ({type(e).__name__}: {e}); the runtime "
+                  "will use the Python gate (same results, slower per token)", file=sys.stderr)
+
+
+setup(ext_modules=[Extension("edge_reft.runtime._gate", ["runtime/gate.c"], optional=True)],
+      cmdclass={"build_ext": GateBuild})

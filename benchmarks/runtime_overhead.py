@@ -2,12 +2,17 @@
 
     python benchmarks/runtime_overhead.py [--rounds 5] [--model M.gguf]
 
-Every configuration has its own llama.cpp context on the same model file.
+Every configuration has its own engine (llama.cpp contexts) on the same model file.
+"one context" rows keep every token in the context with the eval callback; "split"
+rows decode what a patch does not edit in a second context without it (the
+default with --ngl > 0).
 Prefill (256 tokens) is interleaved round by round; decode (128 steps) is
 interleaved step by step: step i of every configuration runs back to back,
 so drift and stalls of a shared, noisy machine hit all of them alike.  The
 ratio column is throughput relative to "no callback", taken as the median of
-the paired per-step (per-round for prefill) time ratios: 1.00 = free.
+the paired per-step (per-round for prefill) time ratios: 1.00 = free.  "request x"
+is the same for a whole request (prefill + every decode step of a round, so a
+split context's KV move is counted once per request).
 Then: patch load + validate + swap latency next to llama.cpp's own LoRA
 adapter init + set (a random LoRA GGUF of the same model, made here).
 """
@@ -41,9 +46,11 @@ def patch_sets(base):
 
 
 def measure(configs: dict, prompt: list[int], cont: list[int], rounds: int):
-    """configs: name -> (engine, pset).  Returns name -> (prefill times, decode times)."""
+    """configs: name -> (engine, pset).  Returns name -> (prefill times, decode times, request
+    times)."""
     pre = {k: [] for k in configs}
     dec = {k: [] for k in configs}
+    req = {k: [] for k in configs}
     n = len(prompt)
     for r in range(rounds + 1):  # round 0 warms up
         for name, (engine, pset) in configs.items():
@@ -58,8 +65,24 @@ def measure(configs: dict, prompt: list[int], cont: list[int], rounds: int):
                 engine._forward([tok], n + i, n, pset)
                 if r:
                     dec[name].append(time.perf_counter() - t)
+        if r:
+            for k in configs:
+                req[k].append(pre[k][-1] * n + sum(dec[k][-len(cont):]))
         print(f"  round {r}/{rounds}", file=sys.stderr)
-    return pre, dec
+    return pre, dec, req
+
+
+def move_ms(engine, prompt: list[int], reps: int = 20) -> float:
+    """Median time to move the KV cache of ``prompt`` from one context to the other."""
+    nat = engine.native
+    nat.keep(0)
+    nat.decode(np.asarray(prompt, dtype=np.int32), 0, np.zeros(len(prompt), np.int8), edit=False)
+    times = []
+    for i in range(reps):
+        t = time.perf_counter()
+        nat.use(edit=i % 2 == 0)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
 
 
 def lora_gguf(path: str, base, rank: int = 8) -> None:
@@ -116,10 +139,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ngl", type=int, default=0, help="layers on the GPU")
+    ap.add_argument("--split", choices=["both", "on", "off"], default="both",
+                    help="which decode-context modes to measure for the native gate")
     a = ap.parse_args()
     from edge_reft.models import default_model
     from edge_reft.runtime import Engine
-    from edge_reft.runtime.llama_native import load_gate
+    from edge_reft.runtime.gate import load_gate
     model = a.model or str(default_model())
     # with no layer on a GPU, keep every op on the CPU (llama.cpp would ship big batches to one)
     kw = dict(n_ctx=512, n_ubatch=512, n_threads=a.threads, n_gpu_layers=a.ngl, op_offload=a.ngl > 0)
@@ -128,22 +153,31 @@ def main() -> None:
     toks = none._tokenize(TEXT, add_special=False)
     prompt, cont = toks[:256], toks[256:384]
     configs = {"no callback": (none, none.patch_set(None))}
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.split]
     for g in gates:
-        for name, patches in patch_sets(none.base).items():
-            e = Engine(model, gate=g, **kw)
-            configs[f"{g} gate: {name}"] = (e, e.patch_set(patches))
-    pre, dec = measure(configs, prompt, cont, a.rounds)
+        for split in (modes if g == "native" else (False,)):
+            label = f"{g} gate, {'split' if split else 'one context'}"
+            for name, patches in patch_sets(none.base).items():
+                e = Engine(model, gate=g, split_decode=split, **kw)
+                configs[f"{label}: {name}"] = (e, e.patch_set(patches))
+    pre, dec, req = measure(configs, prompt, cont, a.rounds)
     rows = []
     for name in configs:
-        p, d = np.array(pre[name]), np.array(dec[name])
+        p, d, q = np.array(pre[name]), np.array(dec[name]), np.array(req[name])
         rp = np.median(np.array(pre["no callback"]) / p)
         rd = np.median(np.array(dec["no callback"]) / d)
-        rows.append([name, p.min() * 1e3, np.median(p) * 1e3, rp, d.min() * 1e3, np.median(d) * 1e3, rd])
+        rq = np.median(np.array(req["no callback"]) / q)
+        rows.append([name, p.min() * 1e3, np.median(p) * 1e3, rp, d.min() * 1e3, np.median(d) * 1e3, rd, rq])
     print(table(["config", "prefill ms/tok min", "median", "prefill x", "decode ms/tok min", "median",
-                 "decode x"], rows,
+                 "decode x", "request x"], rows,
                 title=f"\nllama.cpp + edge-reft on {os.path.basename(model)}: prefill {len(prompt)} + decode "
                 f"{len(cont)}, {a.rounds} rounds, {a.threads or os.cpu_count()} threads, ngl {a.ngl} "
                 f"(x = throughput relative to no callback, median of paired ratios)"))
+    moved = [(k, e) for k, (e, _) in configs.items() if e.native.split and e.native.moves]
+    if moved:
+        print(table(["config", "KV moves", "ms per move (256 tokens)"],
+                    [[k, e.native.moves, move_ms(e, prompt)] for k, e in moved[:1]],
+                    title="\nsplit decode: moving a prompt's KV cache between the two contexts"))
     with tempfile.TemporaryDirectory() as tmp:
         print(table(["adapter", "file bytes", "min us", "median us"], swap_latency(none, tmp),
                     title="\npatch swap latency vs llama.cpp's LoRA adapter"))

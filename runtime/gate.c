@@ -15,7 +15,9 @@
  * graph: they are recorded and raised by Python after llama_decode.
  *
  * It is also a (trivial) Python extension module so that setuptools builds it
- * with the package; Python loads it with ctypes.
+ * with the package; Python loads it with ctypes.  Portable C99 (gcc, clang,
+ * MSVC): the exported functions are marked for the Windows DLL export table and
+ * for default visibility elsewhere.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,6 +26,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(_WIN32)
+#define GATE_API __declspec(dllexport)
+#else
+#define GATE_API __attribute__((visibility("default")))
+#endif
 
 #define GATE_ABI 1
 #define GGML_TYPE_F32 0
@@ -124,7 +132,7 @@ static void run_job(gate_state *g, void *tensor, const gate_job *job) {
 }
 
 /* bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor * t, bool ask, void * user_data) */
-bool edge_gate_eval(void *tensor, bool ask, void *user_data) {
+GATE_API bool edge_gate_eval(void *tensor, bool ask, void *user_data) {
     gate_state *g = (gate_state *)user_data;
     if (g->n_jobs == 0) return !ask;  /* the common case: nothing to edit in this ubatch */
     const char *name = g->get_name(tensor);
@@ -138,27 +146,29 @@ bool edge_gate_eval(void *tensor, bool ask, void *user_data) {
     return !ask;  /* never false in the data phase: that would skip the rest of the graph */
 }
 
-gate_state *edge_gate_new(int32_t n_embd, void *get_name, void *nelements, void *is_contiguous,
-                          void *tensor_get, void *tensor_set) {
+/* The ggml functions come as function pointers (ctypes passes their addresses). */
+GATE_API gate_state *edge_gate_new(int32_t n_embd, get_name_fn get_name, nelements_fn nelements,
+                                   contiguous_fn is_contiguous, tensor_get_fn tensor_get,
+                                   tensor_set_fn tensor_set) {
     gate_state *g = calloc(1, sizeof *g);
     if (!g) return NULL;
     g->abi = GATE_ABI;
     g->n_embd = n_embd;
-    g->get_name = (get_name_fn)get_name;
-    g->nelements = (nelements_fn)nelements;
-    g->is_contiguous = (contiguous_fn)is_contiguous;
-    g->tensor_get = (tensor_get_fn)tensor_get;
-    g->tensor_set = (tensor_set_fn)tensor_set;
+    g->get_name = get_name;
+    g->nelements = nelements;
+    g->is_contiguous = is_contiguous;
+    g->tensor_get = tensor_get;
+    g->tensor_set = tensor_set;
     return g;
 }
 
-void edge_gate_set_jobs(gate_state *g, int32_t n_jobs, const gate_job *jobs) {
+GATE_API void edge_gate_set_jobs(gate_state *g, int32_t n_jobs, const gate_job *jobs) {
     g->jobs = jobs;
     g->n_jobs = n_jobs;
 }
 
 /* Returns the error code (0 = none) and clears it; the message is copied to buf. */
-int32_t edge_gate_take_error(gate_state *g, char *buf, int32_t len) {
+GATE_API int32_t edge_gate_take_error(gate_state *g, char *buf, int32_t len) {
     int32_t code = g->error;
     if (code && buf && len > 0) snprintf(buf, (size_t)len, "%s", g->message);
     g->error = 0;
@@ -166,11 +176,11 @@ int32_t edge_gate_take_error(gate_state *g, char *buf, int32_t len) {
     return code;
 }
 
-int64_t edge_gate_edited(const gate_state *g) { return g->edited; }
+GATE_API int64_t edge_gate_edited(const gate_state *g) { return g->edited; }
 
-int32_t edge_gate_abi(void) { return GATE_ABI; }
+GATE_API int32_t edge_gate_abi(void) { return GATE_ABI; }
 
-void edge_gate_free(gate_state *g) {
+GATE_API void edge_gate_free(gate_state *g) {
     if (g) {
         free(g->scratch);
         free(g);
@@ -179,6 +189,6 @@ void edge_gate_free(gate_state *g) {
 
 static struct PyModuleDef gate_module = {PyModuleDef_HEAD_INIT, "_gate",
                                          "edge-reft's native eval callback (loaded with ctypes)",
-                                         -1, NULL};
+                                         -1, NULL, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__gate(void) { return PyModule_Create(&gate_module); }

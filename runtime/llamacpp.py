@@ -1,12 +1,10 @@
-"""The llama.cpp backend: LoReFT applied inside llama.cpp's eval callback.
+"""The llama.cpp backend: patches applied inside llama.cpp's eval callback (runtime/gate.py).
 
-llama.cpp names the residual stream after block L ``l_out-L``.  Before each
-``llama_decode`` (one ubatch: we never submit more than ``n_ubatch``
-tokens, so the columns of ``l_out-L`` are exactly the tokens we sent) the
-hook learns which layers have rows to edit; in the callback's ask phase it
-asks for those tensors only, and in the data phase it reads the rows with
-``ggml_backend_tensor_get``, applies the reference edit and writes them back
-with ``ggml_backend_tensor_set`` (works for CPU and GPU buffers alike).
+One model, one sequence.  A ubatch that edits something runs in the context
+that has the callback; with ``split_decode`` (the default when layers are on a
+GPU) a ubatch that edits nothing runs in a second context without one, so
+decode after a prompt-scoped patch costs what plain llama.cpp costs
+(llama_native.Native moves the KV cache between the two, bit for bit).
 
 The last block's ``l_out`` is pruned by llama.cpp to the rows that produce
 logits, so there the columns are the output rows, in batch order.
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -26,139 +23,9 @@ from edge_reft.fingerprint import from_gguf
 from edge_reft.models import default_model
 
 from . import llama_native as N
-from .edits import CompiledIntervention, PatchSet, apply_rows
+from .edits import PatchSet
 from .engine import EngineBase
-
-
-@dataclass(frozen=True)
-class Job:
-    """What to do to one ``l_out-L`` tensor in one ubatch."""
-    layer: int
-    name: bytes
-    n_rows: int      # rows l_out-L must have in this ubatch
-    lo: int          # first row touched
-    span: int        # rows lo .. lo+span-1 are read and written back
-    edits: tuple[tuple[CompiledIntervention, np.ndarray], ...]  # rows relative to lo
-
-
-def plan_jobs(edits: dict[int, list[tuple[CompiledIntervention, np.ndarray]]], n_rows: int,
-              out_rows: np.ndarray, last_layer: int) -> list[Job]:
-    """The jobs of one ubatch of ``n_rows`` tokens with outputs at ``out_rows``.
-
-    Blocks below the last keep every row; the last block's ``l_out`` holds only
-    the output rows (in batch order), so token rows are mapped to those.
-    """
-    jobs = []
-    for layer, items in edits.items():
-        rows_in_tensor = n_rows
-        if layer == last_layer:
-            items = [(c, np.searchsorted(out_rows, r[np.isin(r, out_rows)])) for c, r in items]
-            items = [(c, r) for c, r in items if r.size]
-            rows_in_tensor = len(out_rows)
-        if not items:
-            continue
-        lo = min(int(r.min()) for _, r in items)
-        hi = max(int(r.max()) for _, r in items) + 1
-        jobs.append(Job(layer, f"l_out-{layer}".encode(), rows_in_tensor, lo, hi - lo,
-                        tuple((c, r - lo) for c, r in items)))
-    return jobs
-
-
-class EvalHook:
-    """The eval callback in Python (the fallback where the native gate was not built)."""
-
-    def __init__(self, n_embd: int):
-        self.n_embd = n_embd
-        self.asked: dict[bytes, Job] = {}
-        self.error: BaseException | None = None
-        self.callback = N.EvalCallback(self._callback)  # owned here, for the context's lifetime
-        self.callback_data = None
-
-    def _callback(self, t: int, ask: bool, _user: int) -> bool:
-        try:
-            if ask:
-                return bool(self.asked) and N.ggml_get_name(t) in self.asked
-            job = self.asked.get(N.ggml_get_name(t))
-            if job is not None:
-                self._edit(t, job)
-        except BaseException as e:  # returning False would silently skip the graph's rest
-            if self.error is None:
-                self.error = e
-        return True
-
-    def _edit(self, t: int, job: Job) -> None:
-        d = self.n_embd
-        if N.tensor_type(t) != N.GGML_TYPE_F32 or not N.ggml_is_contiguous(t):
-            raise BackendError(f"l_out-{job.layer}: expected a contiguous F32 tensor "
-                               f"(ggml type {N.tensor_type(t)}); refusing to write")
-        n = N.ggml_nelements(t)
-        if n != job.n_rows * d:
-            raise BackendError(f"l_out-{job.layer}: {n} elements, expected {job.n_rows} rows of {d}; "
-                               "the ubatch is not what was submitted, refusing to write")
-        buf = np.empty((job.span, d), dtype=np.float32)
-        off, size = job.lo * d * 4, buf.nbytes
-        N.ggml_backend_tensor_get(t, buf.ctypes.data, off, size)
-        apply_rows(buf, job.edits)
-        N.ggml_backend_tensor_set(t, buf.ctypes.data, off, size)
-
-    def prepare(self, jobs: list[Job]) -> None:
-        self.asked = {j.name: j for j in jobs}
-
-    def finish(self) -> None:
-        self.asked = {}
-        err, self.error = self.error, None
-        if err is not None:
-            raise BackendError(f"the patch could not be applied inside llama.cpp: {err}") from err
-
-    def close(self) -> None:
-        pass
-
-
-class NativeHook:
-    """The eval callback in C (runtime/gate.c): Python only describes each ubatch's jobs."""
-
-    def __init__(self, lib: object, n_embd: int):
-        self.gate = N.Gate(lib, n_embd)
-        self.callback, self.callback_data = self.gate.callback, self.gate.state
-
-    def prepare(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        arr = (N.GateJob * len(jobs))()
-        keep: list[object] = [arr]
-        for dst, job in zip(arr, jobs):
-            edits = (N.GateEdit * len(job.edits))()
-            keep.append(edits)
-            for e, (c, rows) in zip(edits, job.edits):
-                rows32 = np.ascontiguousarray(rows, dtype=np.int32)
-                keep.append(rows32)
-                e.rank, e.n_rows = c.rotate.shape[0], rows32.size
-                e.rows = rows32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-                e.rotate, e.delta, e.bias = (a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-                                             for a in (c.rotate, c.delta, c.bias))
-            dst.name, dst.n_rows, dst.lo, dst.span = job.name, job.n_rows, job.lo, job.span
-            dst.n_edits, dst.edits = len(job.edits), edits
-        self.gate.set_jobs(arr, keep)
-
-    def finish(self) -> None:
-        self.gate.set_jobs(None)
-        err = self.gate.take_error()
-        if err is not None:
-            raise BackendError(f"the patch could not be applied inside llama.cpp: {err}")
-
-    def close(self) -> None:
-        self.gate.free()
-
-
-def make_hook(gate: str, n_embd: int) -> EvalHook | NativeHook:
-    """gate: "native" (C; fails if not built), "python", or "auto" (native when built)."""
-    if gate not in ("auto", "native", "python"):
-        raise ReftError(f"gate: {gate!r}, expected 'auto', 'native' or 'python'")
-    lib = N.load_gate() if gate != "python" else None
-    if lib is None and gate == "native":
-        raise BackendError("the native gate (edge_reft.runtime._gate) was not built with this install; "
-                           "reinstall with a C compiler available, or use gate='python'")
-    return NativeHook(lib, n_embd) if lib is not None else EvalHook(n_embd)
+from .gate import make_hook, plan_jobs
 
 
 def ubatches(n: int, size: int) -> list[tuple[int, int]]:
@@ -175,13 +42,21 @@ class LlamaCppEngine(EngineBase):
 
     ``state_cache_mb`` bounds the KV states kept for patches other than the current one
     (runtime/kvstates.py; 0 turns it off): a context serving many users resumes each one.
+    ``split_decode``: decode unedited tokens in a second context without the eval callback
+    (None: when layers are on a GPU, where the callback alone costs ~6 %; it costs a second
+    KV cache and compute buffer).  ``repack``: llama.cpp's CPU weight repacking, "auto"
+    (off where the pinned build's AMX path would crash), "on" or "off"; default from
+    $EDGE_REFT_REPACK, else "auto".  ``flash_attn`` None: llama.cpp's own choice (auto) with
+    layers on a GPU, off on the CPU (its kernels there round differently from the reference).
+    With it, the KV cache's V is not stored transposed, so moving a sequence between the two
+    contexts copies one block per layer instead of one row per channel.
     """
 
     def __init__(self, model: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  n_ubatch: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 flash_attn: bool = False, kv_f32: bool = False, op_offload: bool = True,
+                 flash_attn: bool | None = None, kv_f32: bool = False, op_offload: bool = True,
                  patches: bool = True, gate: str = "auto", state_cache_mb: float = 64.0,
-                 verbose: bool = False):
+                 split_decode: bool | None = None, repack: str | None = None, verbose: bool = False):
         super().__init__(state_cache_mb)
         path = os.fspath(model) if model is not None else str(default_model())
         if not os.path.isfile(path):
@@ -194,15 +69,23 @@ class LlamaCppEngine(EngineBase):
             self.chat = None
         self.hook = make_hook(gate, self.base.n_embd) if patches else None
         self.native = N.Native(path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads or os.cpu_count() or 1,
-                               n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                               n_gpu_layers=n_gpu_layers,
+                               flash_attn=(None if n_gpu_layers > 0 else False) if flash_attn is None else flash_attn,
                                callback=self.hook.callback if self.hook else None,
                                callback_data=self.hook.callback_data if self.hook else None,
-                               kv_f32=kv_f32, op_offload=op_offload, verbose=verbose)
+                               kv_f32=kv_f32, op_offload=op_offload, repack=repack, verbose=verbose,
+                               split=n_gpu_layers > 0 if split_decode is None else split_decode)
         if (self.native.n_embd, self.native.n_layer) != (self.base.n_embd, self.base.n_layer):
             raise BackendError(f"{path}: llama.cpp reports n_embd={self.native.n_embd}, "
                                f"n_layer={self.native.n_layer}; the GGUF metadata says "
                                f"{self.base.n_embd}, {self.base.n_layer}")
         self.n_ctx, self.n_ubatch = self.native.n_ctx, self.native.n_ubatch
+
+    def runtime_notes(self) -> str:
+        """What the runtime chose, for ``run -v``: repacking, contexts, gate."""
+        gate = {"NativeHook": "native (C)", "EvalHook": "Python"}.get(type(self.hook).__name__, "none")
+        ctxs = "two contexts (edits / plain decode)" if self.native.split else "one context"
+        return f"{self.native.model.repack_note}; {ctxs}; gate: {gate}"
 
     def close(self) -> None:
         self._states.clear()
@@ -234,6 +117,8 @@ class LlamaCppEngine(EngineBase):
             raise ReftError("this engine was created with patches=False; it cannot apply a patch")
         toks = np.asarray(tokens, dtype=np.int32)
         n, rows = len(toks), []
+        # every ubatch of one call runs in one context: moving mid-prompt would only add copies
+        edit = bool(pset) and (pset.edits_generated or bool(pset.chunk_edits(start, n, n_prompt)))
         for a, b in ubatches(n, self.n_ubatch):
             chunk = toks[a:b]
             m = len(chunk)
@@ -242,11 +127,11 @@ class LlamaCppEngine(EngineBase):
                 outputs[:] = 1
             elif a + m == n:
                 outputs[-1] = 1
-            if pset:
+            if edit:
                 self.hook.prepare(plan_jobs(pset.chunk_edits(start + a, m, n_prompt), m,
                                             np.flatnonzero(outputs), self.base.n_layer - 1))
             try:
-                self.native.decode(chunk, start + a, outputs)
+                self.native.decode(chunk, start + a, outputs, edit=edit)
             finally:
                 if self.hook is not None:
                     self.hook.finish()

@@ -80,3 +80,14 @@ def expected_reuse(n: int, saved_states: bool) -> list[int]:
     last positions; "c" shares nothing, unless its own state was saved (its second run)."""
     c = n if saved_states else 0
     return [n, n, n, n, n, 0, c, c, c]
+
+
+def stepwise_logits(engine, prompt: list[int], cont: list[int], patch) -> np.ndarray:
+    """Logits of a prefill of ``prompt`` and then of each token of ``cont`` decoded one at a
+    time, as the generate loop runs them (rows: prefill, then each step)."""
+    pset = engine.patch_set(patch)
+    engine._keep(0)
+    rows = [engine._forward(prompt, 0, len(prompt), pset)[-1]]
+    for i, tok in enumerate(cont):
+        rows.append(engine._forward([tok], len(prompt) + i, len(prompt), pset)[-1])
+    return np.stack(rows)

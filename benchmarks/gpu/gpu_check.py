@@ -6,10 +6,14 @@ Run by benchmarks/gpu/run.sh on the device (llama-cpp-python built with CUDA).
 Checks, each printed PASS/FAIL with its numbers:
   - identity patch: logits bit-identical to no patch, model on the GPU (both gates);
   - llama.cpp's own control vector vs the equivalent constant patch: bit-identical;
-  - random patches, GPU vs CPU: cosine of the logit change >= 0.99, same argmax;
+  - random patches, GPU vs CPU on F32 weights: cosine of the logit change >= 0.9999, same
+    argmax (on quantized weights only reported: each device's kernels quantize differently);
   - native gate vs Python callback on the GPU: the same logits to float32 rounding;
-  - n_ubatch 8 on a 40-token prompt: the edits land in the right ubatch.
+  - n_ubatch 8 on a 40-token prompt: the edits land in the right ubatch;
+  - split decode (unedited steps in a context without the callback) == one context:
+    greedy tokens identical, last logits bit-identical.
 Then benchmarks/runtime_overhead.py with the model on the GPU, and on the CPU.
+Works for any GPU build of llama-cpp-python (CUDA, Vulkan, Metal).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def check_model(path: str, kw: dict, exact: bool) -> None:
     from edge_reft.patch import identity, random_patch
     from edge_reft.runtime import Engine
-    from oracles import patch_and_control_vector
+    from oracles import patch_and_control_vector, stepwise_logits
 
     gpu = {g: Engine(path, n_ctx=512, n_gpu_layers=99, gate=g, **kw) for g in ("native", "python")}
     cpu = Engine(path, n_ctx=512, n_gpu_layers=0, op_offload=False, **kw)  # really on the CPU
@@ -66,8 +70,11 @@ def check_model(path: str, kw: dict, exact: bool) -> None:
         g_native = gpu["native"].logits(prompt, patch)
         c = cosine(on_cpu - cpu_plain, g_native - gpu_plain)
         arg = bool(on_cpu[-1].argmax() == g_native[-1].argmax())
-        check(f"patch {spec}: GPU vs CPU", c >= 0.99 and arg,
-              f"cosine of the logit change {c:.5f}, last-token argmax equal {arg}")
+        detail = f"cosine of the logit change {c:.5f}, last-token argmax equal {arg}"
+        if exact:
+            check(f"patch {spec}: GPU vs CPU", c >= 0.9999 and arg, detail)
+        else:  # quantized kernels differ by device (Q8 activations): reported, not judged
+            print(f"INFO  patch {spec}: GPU vs CPU on quantized weights: {detail}", flush=True)
         # both gates compute the reference edit to float32 rounding (C loop vs numpy's BLAS order)
         g_py = gpu["python"].logits(prompt, patch)
         d = np.abs(g_native - g_py).max()
@@ -83,7 +90,17 @@ def check_model(path: str, kw: dict, exact: bool) -> None:
             c = cosine(big, eff)
             check(f"n_ubatch 8 on {len(long)} tokens, {pos} at layers 2 and {last}", c >= (0.999 if exact else 0.9),
                   f"cosine of the logit change vs one ubatch {c:.5f}")
-    for e in [*gpu.values(), cpu]:
+    split = Engine(path, n_ctx=512, n_gpu_layers=99, split_decode=True, **kw)
+    one = Engine(path, n_ctx=512, n_gpu_layers=99, split_decode=False, **kw)
+    cont = split.prompt_tokens("The moon has phases because it orbits the Earth.", raw=True)
+    for spec in ([(last // 2, "l1", 4)], [(1, "f1+l1", 4), (last, "l1", 2)], [(last // 2, "all", 4)]):
+        patch = random_patch(base, spec, scale=2.0, seed=3)
+        moves = split.native.moves
+        la, lb = stepwise_logits(split, prompt, cont, patch), stepwise_logits(one, prompt, cont, patch)
+        check(f"split decode == one context, patch {spec}", np.array_equal(la, lb),
+              f"prefill + {len(cont)} decode steps, logits max |diff| {np.abs(la - lb).max():.3g}, "
+              f"{split.native.moves - moves} KV moves")
+    for e in [*gpu.values(), cpu, split, one]:
         e.close()
 
 
@@ -91,6 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--no-cpu-table", action="store_true", help="skip the overhead table on the CPU")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE.parent.parent / "tests"))
     from edge_reft.dequantize import dequantize_gguf
@@ -104,7 +122,7 @@ def main() -> int:
         check_model(path, kw, exact)
     bench = [sys.executable, str(HERE.parent / "runtime_overhead.py"), "--model", str(Path(a.model).resolve()),
              "--rounds", str(a.rounds)]
-    for extra in (["--ngl", "99"], ["--ngl", "0", "--threads", "8"]):
+    for extra in (["--ngl", "99"], *([] if a.no_cpu_table else [["--ngl", "0", "--threads", "8", "--split", "off"]])):
         print(f"\n$ runtime_overhead.py {' '.join(extra)}", flush=True)
         subprocess.run(bench + extra, check=True, cwd=HERE.parent, stderr=subprocess.DEVNULL)
     print(f"\n{len(FAILS)} checks failed" + (f": {FAILS}" if FAILS else ""))

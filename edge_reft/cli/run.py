@@ -27,12 +27,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ctx", type=int, default=2048, help="context size in tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU (llama.cpp)")
+    ap.add_argument("--repack", choices=["auto", "on", "off"], default=None,
+                    help="llama.cpp's CPU weight repacking (default: $EDGE_REFT_REPACK, else auto: "
+                         "off on CPUs with AMX, whose repacked matmul crashes in the pinned llama.cpp)")
+    ap.add_argument("--split-decode", choices=["auto", "on", "off"], default="auto",
+                    help="decode tokens a patch does not edit in a second context without the eval "
+                         "callback (auto: when --ngl > 0; costs a second KV cache)")
     ap.add_argument("--backend", choices=["llama.cpp", "onnx"], default=None)
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="apply a patch made for another base model (its effect is unpredictable)")
     ap.add_argument("--json", action="store_true",
                     help='print {"prompt_tokens": [...], "tokens": [...], "text": "..."} at the end')
-    ap.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="show llama.cpp's log and the runtime's choices (repacking, contexts, gate)")
     return ap
 
 
@@ -48,7 +55,8 @@ def main(argv: list[str]) -> int:
     backend = a.backend or ("onnx" if a.model and os.path.isdir(a.model) else "llama.cpp")
     opts = {"n_ctx": a.ctx, "n_threads": a.threads}
     if backend == "llama.cpp":
-        opts.update(n_gpu_layers=a.ngl, verbose=a.verbose)
+        split = {"auto": None, "on": True, "off": False}[a.split_decode]
+        opts.update(n_gpu_layers=a.ngl, verbose=a.verbose, repack=a.repack, split_decode=split)
     t0 = time.perf_counter()
     engine = Engine(a.model, backend=backend, **opts)
     from edge_reft.pull import resolve
@@ -56,6 +64,8 @@ def main(argv: list[str]) -> int:
     pset = engine.patch_set(patches, allow_mismatch=a.allow_mismatch)
     print(f"[edge-reft] {engine.base.name or engine.base.architecture}: loaded in "
           f"{time.perf_counter() - t0:.2f} s; patches: {', '.join(a.patch) or 'none'}", file=sys.stderr)
+    if a.verbose and backend == "llama.cpp":
+        print(f"[edge-reft] {engine.runtime_notes()}", file=sys.stderr)
     gen_opts = dict(patch=pset, max_tokens=a.max_tokens, temperature=a.temp, top_p=a.top_p,
                     top_k=a.top_k, seed=a.seed, stop=a.stop)
     try:
