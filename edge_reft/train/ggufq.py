@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# GGML type ids (gguf.GGMLQuantizationType) with a torch dequantizer here;
-# any other type falls back to gguf-py's numpy code (exact, slower).
+from . import kquants
+
+# GGML type ids (gguf.GGMLQuantizationType) with a torch dequantizer here (and the
+# K-quants in kquants.py); any other type falls back to gguf-py's numpy code (exact, slower).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
 BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34)}
 
@@ -45,6 +47,8 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.T
         return raw.view(torch.float16).float().reshape(rows, cols)
     if qtype == BF16:
         return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32).reshape(rows, cols)
+    if qtype in kquants.KQUANTS:
+        return kquants.dequantize(raw, qtype).reshape(rows, cols)
     if qtype not in BLOCK:
         import gguf
         return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))
