@@ -7,14 +7,17 @@ Everything else lives here once: chat template, patch binding, the
 KV-cache reuse rule of DESIGN.md, sampling, stop strings, streaming.
 
 Threading: an engine owns one context and serializes generations with a
-lock; use one engine per thread for parallelism.  Consume (or ``close()``)
-every streamed generation: it holds the lock until it ends.
+lock; use one engine per thread for parallelism.  A streamed generation holds
+the lock while it runs; one its own thread leaves unfinished (a ``break`` out
+of the loop, the Generation kept) is closed when that thread calls the engine
+again (finish_reason "cancelled"), so a single thread can never deadlock.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -40,7 +43,7 @@ class Completion:
     text: str
     tokens: list[int]
     prompt_tokens: list[int]
-    finish_reason: str          # "stop" (end of turn or a stop string) or "length"
+    finish_reason: str          # "stop" (end of turn or a stop string), "length" or "cancelled"
     prefill_s: float = 0.0
     decode_s: float = 0.0
     reused_tokens: int = 0      # prompt tokens served from the KV cache
@@ -61,6 +64,10 @@ class Generation:
 
     def close(self) -> None:
         self._it.close()
+
+    def __str__(self) -> str:
+        """The whole reply (generating the rest first), so ``print(engine.generate(...))`` works."""
+        return self.collect().text
 
     def collect(self) -> Completion:
         for _ in self:
@@ -91,6 +98,7 @@ class EngineBase:
 
     def __init__(self, state_cache_mb: float = 0.0) -> None:
         self._lock = threading.Lock()
+        self._active: tuple[int, Generation] | None = None  # (thread, generation) holding the lock
         self._cache = _Cache()
         self._states: SavedStates[_Cache] = SavedStates(int(state_cache_mb * (1 << 20)))
         self._patch_cache: dict[tuple[str, int, int], Patch] = {}
@@ -128,6 +136,20 @@ class EngineBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextmanager
+    def _exclusive(self, gen: "Generation | None" = None) -> Iterator[None]:
+        """The engine's lock.  A generation this same thread left suspended while holding it
+        is closed first: waiting for it would never end."""
+        me, active = threading.get_ident(), self._active
+        if active is not None and active[0] == me and active[1] is not gen:
+            active[1].close()
+        with self._lock:
+            self._active = (me, gen) if gen is not None else None
+            try:
+                yield
+            finally:
+                self._active = None
 
     # ---- patches ---------------------------------------------------------------------
     def load_patch(self, path: str | os.PathLike[str], allow_mismatch: bool = False) -> Patch:
@@ -193,7 +215,7 @@ class EngineBase:
 
     def _run(self, gen: Generation, toks: list[int], pset: PatchSet, sampling: SamplingParams,
              max_tokens: int, stop: Sequence[str], cache: str) -> Iterator[str]:
-        with self._lock:
+        with self._exclusive(gen):
             t0 = time.perf_counter()
             n_prompt = len(toks)
             reused = self._prefix_to_keep(toks, pset, cache)
@@ -221,6 +243,9 @@ class EngineBase:
                 tail = text.close()
                 if tail:
                     yield tail
+            except GeneratorExit:
+                finish = "cancelled"
+                raise
             finally:
                 gen.result = Completion(text.text, out, toks, finish, t1 - t0, time.perf_counter() - t1, reused)
 
@@ -260,7 +285,7 @@ class EngineBase:
         """Logits at every position of ``tokens`` (n, vocab), or only the last (1, vocab); the
         first ``n_prompt`` tokens are the prompt (default: all).  For scoring and tests."""
         pset = self.patch_set(patch)
-        with self._lock:
+        with self._exclusive():
             self._cache = _Cache()
             self._keep(0)
             return self._forward(list(tokens), 0, len(tokens) if n_prompt is None else n_prompt,

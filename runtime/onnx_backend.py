@@ -222,7 +222,7 @@ class OnnxEngine(EngineBase):
                             f"({max_tokens}) exceeds the context of {self.n_ctx} tokens")
         params = SamplingParams(temperature, top_p, top_k, seed)
         self._check_open()
-        with self._lock:
+        with self._exclusive():
             return self._batch(toks, psets, params, max_tokens, stop, capacity)
 
     def _batch(self, toks: list[list[int]], psets: list[PatchSet], params: SamplingParams,
