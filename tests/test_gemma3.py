@@ -92,3 +92,19 @@ def test_parity_with_torch_reference(gemma3_q4, spec, tmp_path_factory):
     eff_a, eff_b = (ours - ours0).ravel(), (ref - ref0).ravel()
     assert eff_a @ eff_b / np.linalg.norm(eff_a) / np.linalg.norm(eff_b) > 0.9999
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_gguf_backbone_is_the_file_bit_for_bit(gemma3_q4):
+    """Training's backbone, built without a full-precision copy (meta device + the file's
+    Q4_K/Q6_K blocks + its norms through transformers' gemma processing: stored as w + 1),
+    computes exactly what transformers computes on the file dequantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from edge_reft.hf import hf_dir
+    from edge_reft.train.backbone import load_gguf_backbone
+    bb = load_gguf_backbone(gemma3_q4)
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir(gemma3_q4), dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 9690, 198, 2683, 359, 253, 5356, 5646]])
+    with torch.no_grad():
+        assert torch.equal(bb.model(ids).logits, ref(ids).logits)

@@ -2,10 +2,10 @@
 
 Two kinds:
 - ``gguf`` (for a .gguf BASE, the default): transformers provides the
-  architecture (attention, RoPE, norms), and every linear layer and the token
-  embedding are replaced by the GGUF's own quantized blocks (``ggufq``),
-  checked bit for bit against transformers' dequantization of the same file.
-  The patch trains on exactly the weights llama.cpp serves.
+  architecture (attention, RoPE, norms), built without weights; every linear
+  layer and the token embedding are the GGUF's own quantized blocks (``ggufq``),
+  the small float tensors come from the file.  The patch trains on exactly the
+  weights llama.cpp serves, and no full-precision copy is ever made.
 - ``nf4`` (for an HF folder, or a GGUF on request): bitsandbytes NF4, compute
   in float32 on the CPU.  Re-quantizing a GGUF to NF4 stacks a second
   rounding on the first; ``weight_gap`` measures how far that moves the weights.
@@ -26,12 +26,6 @@ from ..errors import ReftError
 from ..fingerprint import base_model
 from ..patch import BaseModel
 from .ggufq import DequantCache, GGUFEmbedding, GGUFLinear
-
-# HF module suffix -> GGUF tensor name (per block), for llama-like and gemma3 models
-LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-           "mlp.down_proj": "ffn_down"}
-
 
 @dataclass
 class Backbone:
@@ -68,47 +62,78 @@ def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
     return raw.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
-def _swap_linear(model: Any, name: str, raw: torch.Tensor, qtype: int, cache: DequantCache,
-                 n_head: int | None) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    old = getattr(parent, attr)
-    want = old.weight.detach()
-    for candidate in ([raw, _unpermute_rows(raw, n_head)] if n_head else [raw]):
-        new = GGUFLinear(candidate.contiguous(), qtype, want.shape[0], want.shape[1], cache)
-        if torch.equal(new.dequantize(), want):
-            setattr(parent, attr, new)
-            return
-    raise ReftError(f"{name}: the GGUF blocks do not dequantize to transformers' weights; "
-                    "refusing to train on a mismatched backbone")
+def _skeleton(path: Path) -> Any:
+    """transformers' architecture for this GGUF with its parameters on the meta device: the
+    config is read from the file's metadata, no weight is materialized."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError) as e:
+        raise ReftError(f"{path}: transformers cannot build this GGUF's architecture ({e}); "
+                        "training on it is not supported") from e
+    with init_empty_weights():  # parameters on meta; buffers (RoPE tables) real
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _processor(model: Any, arch: str) -> Any:
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
 
 
 def load_gguf_backbone(path: Path, cache_mb: int = 1024) -> Backbone:
-    """transformers' architecture with the GGUF's quantized blocks as its weights."""
-    from transformers import AutoModelForCausalLM
+    """transformers' architecture with the GGUF's quantized blocks as its weights.
 
-    from ..hf import hf_dir
-    model = AutoModelForCausalLM.from_pretrained(hf_dir(path), dtype=torch.float32)
+    Never a full-precision copy: the model is built on the meta device, every linear layer
+    and the embedding become the file's own blocks (memory-mapped), and only the small
+    float tensors (norms, biases) are materialized, through transformers' own per-architecture
+    GGUF processing.  Bit-for-bit equality with transformers' dequantized model is tested
+    per architecture (tests/test_train.py), not recomputed at every load.
+    """
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from .ggufq import dequantize
+    model = _skeleton(path)
     cfg = model.config.get_text_config()
+    arch = base_model(path).architecture
+    processor = _processor(model, arch)
+    names = get_gguf_hf_weights_map(model, processor)
     tensors = _gguf_tensors(path)
     cache = DequantCache(cache_mb << 20)
-    arch = base_model(path).architecture
-    for i in range(cfg.num_hidden_layers):
-        for suffix, gname in LINEARS.items():
-            raw, qtype, _ = tensors[f"blk.{i}.{gname}.weight"]
-            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gname)
-            _swap_linear(model, f"model.layers.{i}.{suffix}", raw, qtype, cache,
-                         heads if arch == "llama" else None)
-    raw, qtype, (n_vocab, dim) = tensors["token_embd.weight"]
-    emb = model.get_input_embeddings()
-    scale = float(emb.embed_scale) if hasattr(emb, "embed_scale") else 1.0
-    new_emb = GGUFEmbedding(raw, qtype, n_vocab, dim, scale)
-    probe = torch.arange(0, n_vocab, max(1, n_vocab // 64))
-    if not torch.equal(new_emb(probe), emb(probe)):
-        raise ReftError("token_embd: the GGUF rows do not match transformers' embedding")
-    model.set_input_embeddings(new_emb)
-    head_raw, head_type, _ = tensors.get("output.weight", tensors["token_embd.weight"])
-    _swap_linear(model, "lm_head", head_raw, head_type, cache, None)
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    floats = []
+    for gname, (raw, qtype, shape) in tensors.items():
+        hf = names.get(gname)
+        if hf is None:
+            continue
+        module_name, _, attr = hf.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, torch.nn.Linear) and attr == "weight":
+            kind = gname.split(".")[-2]
+            rows = _unpermute_rows(raw, heads[kind]) if arch == "llama" and kind in heads else raw
+            owner, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, child,
+                    GGUFLinear(rows.contiguous(), qtype, module.out_features, module.in_features, cache))
+        elif isinstance(module, torch.nn.Embedding) and attr == "weight":
+            scale = float(module.embed_scale) if hasattr(module, "embed_scale") else 1.0
+            model.set_input_embeddings(GGUFEmbedding(raw, qtype, shape[0], shape[1], scale))
+        else:
+            floats.append((gname, raw, qtype, shape, module_name, attr))
+    for gname, raw, qtype, shape, module_name, attr in floats:  # norms, biases: small, float32
+        n = int(np.prod(shape))
+        dense = dequantize(raw.reshape(-1), qtype, (1, n)).reshape(n).numpy()
+        value = torch.from_numpy(np.ascontiguousarray(processor.process(dense, gname).weights, np.float32))
+        module = model.get_submodule(module_name)
+        like = module.bias if isinstance(module, GGUFLinear) else module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(value.reshape(
+            (module.out_features,) if like is None else like.shape), requires_grad=False)
+    if not isinstance(model.get_output_embeddings(), GGUFLinear):  # a head tied to the embedding
+        head_raw, head_type, (n_vocab, dim) = tensors.get("output.weight", tensors["token_embd.weight"])
+        model.set_output_embeddings(GGUFLinear(head_raw, head_type, n_vocab, dim, cache))
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ReftError(f"{path}: edge-reft cannot map this {arch} GGUF onto transformers' model: "
+                        f"{len(missing)} weights have no tensor in the file (first: {missing[0]})")
     model.requires_grad_(False)
     return Backbone(model.eval(), base_model(path), "gguf", path, cache)
 

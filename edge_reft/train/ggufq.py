@@ -112,14 +112,15 @@ class _OnTheFly(torch.autograd.Function):
 
 
 class GGUFLinear(torch.nn.Module):
-    """A bias-free linear layer over raw GGUF blocks (no trainable weight)."""
+    """A linear layer over raw GGUF blocks (no trainable weight; a frozen float bias, if any)."""
 
     def __init__(self, raw: torch.Tensor, qtype: int, out_features: int, in_features: int,
-                 cache: DequantCache | None):
+                 cache: DequantCache | None, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("raw", raw, persistent=False)
         self.qtype, self.out_features, self.in_features = qtype, out_features, in_features
         self.cache = cache
+        self.register_parameter("bias", None if bias is None else torch.nn.Parameter(bias, requires_grad=False))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
@@ -131,7 +132,8 @@ class GGUFLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.cache.lookup(self) if self.cache is not None else None
-        return x @ w.T if w is not None else _OnTheFly.apply(x, self)
+        y = x @ w.T if w is not None else _OnTheFly.apply(x, self)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, ggml_type={self.qtype}"
