@@ -31,12 +31,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from edge_reft.errors import BackendError, ReftError
+from edge_reft.files import atomic_dir, sha256_file
+from edge_reft.outputs import check_output
 from edge_reft.fingerprint import from_gguf, from_hf_dir
 from edge_reft.runtime.onnx_model import FORMAT, MANIFEST, VERSION
 
@@ -85,6 +86,8 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
         raise ReftError(f"precision: {precision!r}, expected one of {PRECISIONS}")
     if not src.exists():
         raise ReftError(f"{src}: no such file or folder (expected a .gguf or an HF model folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, [src], force=force, folder=True, marker=MANIFEST)
     model = from_hf_dir(src) if src.is_dir() else from_gguf(src)
     layers = sorted(set(range(model.n_layer) if layers is None else layers))
     problems = [f"--layers: block {L} is outside 0..{model.n_layer - 1}" for L in layers
@@ -102,16 +105,11 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
                                          if p.is_file() and not p.name.startswith(".")]
     settings = {"precision": precision, "layers": layers, "slots": slots, "max_rank": max_rank,
                 "source_sha256": _digest(files), "versions": _versions(),
-                "converter_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+                "converter_sha256": sha256_file(__file__)}
     if not force and _up_to_date(out, settings):
         _say(f"{out} is up to date (same source and settings): nothing to do")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would carry over to the finished folder
-    try:
+    with atomic_dir(out, replace=True) as tmp:  # built aside, fsynced, renamed into place
         if src.is_dir():
             hf = src
         else:
@@ -139,10 +137,6 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _say("[4/4] checking the graph loads in onnxruntime")
         _smoke_test(tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(f"wrote {out} ({manifest['bytes'] / 1e6:.1f} MB)")
     return out
 
@@ -292,15 +286,3 @@ def _smoke_test(folder: Path) -> None:
         if out.shape != (2, e.vocab_size) or not (out == out).all():
             raise BackendError(f"{folder}: the exported graph gives logits of shape {out.shape}")
 
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished folder at ``out`` (an older export there is removed after)."""
-    old = None
-    if out.exists():
-        if not (out / MANIFEST).exists() and any(out.iterdir()):
-            raise ReftError(f"{out}: exists and is not an export-onnx folder; refusing to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

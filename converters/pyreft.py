@@ -44,8 +44,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +53,9 @@ import numpy as np
 
 from edge_reft import spec
 from edge_reft.errors import ReftError, ReftFormatError
+from edge_reft.files import atomic_dir
 from edge_reft.fingerprint import base_model
+from edge_reft.outputs import check_output
 from edge_reft.patch import BaseModel, Intervention, Patch
 from edge_reft.positions import PositionRule
 from edge_reft.reftfile import load_patch, save_patch
@@ -169,6 +169,16 @@ def _tensors(state: dict[str, StoredTensor], itype: str,
     return rot, weight, bias, dtype
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats (json.loads would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r:.80} appears twice in one object")
+        out[k] = v
+    return out
+
+
 def _read_config(folder: Path) -> dict[str, Any] | None:
     path = folder / "config.json"
     if not path.is_file():
@@ -176,7 +186,7 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
-        config = json.loads(path.read_bytes())
+        config = json.loads(path.read_bytes(), object_pairs_hook=_unique_keys)
     except (OSError, ValueError, RecursionError) as e:
         raise ReftFormatError(path, f"file: not readable JSON ({e})") from None
     if not isinstance(config, dict):
@@ -198,6 +208,16 @@ def _keys_and_types(folder: Path, config: dict[str, Any] | None,
         return [(k, None) for k in sorted(files, key=order)]
     where = f"{folder / 'config.json'}"
     keys, types = config["sorted_keys"], config.get("intervention_types")
+    # each key names a file read in full: a key listed 200 times would read it 200 times
+    if len(keys) > spec.MAX_INTERVENTIONS or not all(isinstance(k, str) for k in keys):
+        problems.append(f"{where}: sorted_keys: expected at most {spec.MAX_INTERVENTIONS} strings, "
+                        f"found {len(keys)} entries")
+        return []
+    repeated = sorted(k for k, n in Counter(keys).items() if n > 1)
+    if repeated:
+        problems.append(f"{where}: sorted_keys: {repeated[0]!r:.120} is listed {keys.count(repeated[0])} "
+                        "times; each intervention key must appear once")
+        return []
     if not isinstance(types, list) or len(types) != len(keys):
         problems.append(f"{where}: intervention_types: expected one per sorted_keys entry ({len(keys)})")
         types = [None] * len(keys)
@@ -309,9 +329,10 @@ def _resolve_type(from_tensors: str, declared: str | None) -> str:
 
 def convert(folder: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str],
             positions: str, share_weights: bool = False, *, name: str = "",
-            intervention_type: str | None = None) -> Patch:
+            intervention_type: str | None = None, force: bool = False) -> Patch:
     """Convert a pyreft checkpoint for the model ``base`` (.gguf or HF folder); write ``out``
     atomically and return the patch as read back from it."""
+    check_output(out, [folder, base], force=force)
     patch = from_pyreft(folder, base_model(base), positions, share_weights, name=name,
                         intervention_type=intervention_type)
     return load_patch(save_patch(patch, out))
@@ -348,14 +369,9 @@ def to_pyreft(patch: Patch, folder: str | os.PathLike[str]) -> tuple[str, bool]:
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReftError(f"{out}: exists and is not an empty folder; to-pyreft writes a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    check_output(out, [patch.source], folder=True, flag="--out")
+    with atomic_dir(out, replace=True) as tmp:  # replaces at most an empty folder
         _write_pyreft(patch, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return positions, share_weights
 
 

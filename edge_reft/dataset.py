@@ -8,7 +8,6 @@ end-of-turn token.  For a GGUF base the tokenizer is llama.cpp's own.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Sequence
 
 from .chat import ChatTemplate, Prompter
 from .errors import ReftError
+from .files import open_regular, sha256_file
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,22 @@ def prompter_for(base: str | os.PathLike[str]) -> tuple[Prompter, object]:
                     specials.__contains__), (lambda: None)
 
 
+def jsonl_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The lines of a JSON Lines file, split on "\n" only: U+2028, U+2029 and U+0085 are legal
+    raw inside a JSON string (``str.splitlines`` would cut a record there)."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO must not block
+            return f.read().decode("utf-8").split("\n")
+    except OSError as e:
+        raise ReftError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ReftError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[list[dict], str]]:
     """(prompt messages, reply) per line; every malformed line is reported at once."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReftError(f"{p}: cannot be read as UTF-8 text ({e})") from None
+    lines = jsonl_lines(p)
     out, problems = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -99,4 +108,4 @@ def encode(records: Sequence[tuple[list[dict], str]], prompter: Prompter, max_le
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)

@@ -7,10 +7,11 @@ can be compared to float32 rounding.  Used by parity tests and benchmarks.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_path
 
 
 def dequantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str = "F32") -> Path:
@@ -21,9 +22,7 @@ def dequantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dt
     reader = gguf.GGUFReader(os.fspath(src))  # a trusted model file (patches never go through this)
     arch = reader.get_field("general.architecture").contents()
     out = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.alignment"):
@@ -44,9 +43,4 @@ def dequantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], dt
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out

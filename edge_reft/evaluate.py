@@ -28,9 +28,13 @@ def evaluate(engine, records: Sequence[tuple[list[dict], str]], patch: Patch | N
 
 
 def evaluate_patch(base: str | os.PathLike[str], patch: Patch | None, data: str | os.PathLike[str],
-                   n_ctx: int = 2048) -> dict[str, float]:
+                   n_ctx: int = 2048, limit: int | None = None) -> dict[str, float]:
+    """Scores on ``data`` (its first ``limit`` examples when given) with ``patch`` or without."""
     from .dataset import read_jsonl
-    records = read_jsonl(data)
+    from .errors import ReftError
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ReftError(f"--limit {limit!r}: expected a number of examples >= 1")
+    records = read_jsonl(data)[:limit]
     if Path(base).is_file():
         from .runtime import Engine
         with Engine(base, n_ctx=n_ctx) as engine:

@@ -22,6 +22,9 @@ from .patch import BaseModel
 
 MODEL_LIMITS = gs.Limits(max_array_depth=2, tensor_types=None, strict_utf8=False,
                          max_string_bytes=64 << 20)
+# the same, with every tensor's type, shape and data range checked against the file (inspect)
+MODEL_CHECK_LIMITS = gs.Limits(max_array_depth=2, tensor_types=gs.GGML_BLOCKS, strict_utf8=False,
+                               max_string_bytes=64 << 20)
 _TAG = b"edge-reft fingerprint v1\n"
 # HF config.model_type -> GGUF general.architecture, where they differ
 HF_TO_GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe",

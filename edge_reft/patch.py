@@ -72,6 +72,9 @@ def intervention_problems(where: str, *, type: str, layer: Any, component: Any, 
             out.append(f"{name}: shape {tuple(arr.shape)}, expected {want} (rank {rank}, n_embd {n_embd})")
         elif not np.all(np.isfinite(arr)):
             out.append(f"{name}: holds {int(np.sum(~np.isfinite(arr)))} NaN/Inf values")
+        elif arr.size and float(np.max(np.abs(arr))) > spec.MAX_ABS_VALUE:
+            out.append(f"{name}: holds a value of magnitude {float(np.max(np.abs(arr))):.3g}, more than "
+                       f"the limit of {spec.MAX_ABS_VALUE:g} (FORMAT.md, Validation and limits)")
         else:
             rotate_ok = rotate_ok or role == spec.ROTATE
     itype = spec.INTERVENTION_TYPES.get(type)

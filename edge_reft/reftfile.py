@@ -2,12 +2,11 @@
 
 ``load_patch`` validates everything before anything runs and reports every
 problem at once; ``save_patch`` writes through gguf-py's own writer (so
-llama.cpp's tools list the file) to a temporary file, fsyncs and renames.
+llama.cpp's tools list the file) through ``files.atomic_path``.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from . import ggufscan as gs
 from . import spec
 from .errors import ReftFormatError
+from .files import atomic_path
 from .patch import BaseModel, Intervention, Patch, base_problems, intervention_problems
 from .positions import PositionRule
 
@@ -137,9 +137,7 @@ def save_patch(patch: Patch, path: str | os.PathLike[str]) -> Path:
     import gguf  # the writer only: reading never needs gguf-py
 
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, patch.base.architecture)
         kv = w.add_key_value
         S, U32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
@@ -175,14 +173,6 @@ def save_patch(patch: Patch, path: str | os.PathLike[str]) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(out.parent)
     return out
 
 
@@ -200,15 +190,3 @@ def _add_provenance(w: Any, gguf: Any, k: str, v: Any) -> None:
         sub = {bool: T.BOOL, int: T.INT64, float: T.FLOAT64, str: T.STRING}[type(v[0])]
         w.add_key_value(k, list(v), T.ARRAY, sub_type=sub)
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

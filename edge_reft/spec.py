@@ -105,7 +105,13 @@ MAX_INTERVENTIONS = 1024
 MAX_RANK = 4096
 MAX_KEY_BYTES = 256
 MAX_STRING_BYTES = 64 * 1024           # any single string value in a patch
+# largest |value| of R, W or b.  Trained patches hold values of order 1 (R is orthonormal, so
+# |R| <= 1; W and b stay below ~10); 1e4 leaves three orders of magnitude for that while
+# refusing files whose edit is noise: with |W| = 1e30 the term W h overflows float16 backends
+# (max 65504) and swamps float32 hidden states, and nothing useful can be that large.
+MAX_ABS_VALUE = 1e4
 MAX_KV = 64 + 8 * MAX_INTERVENTIONS
 PATCH_SUFFIX = ".reft"
-# a patch's name (a served or pulled patch is NAME.reft): no separators, no leading dot, no ".."
-PATCH_NAME = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+# a patch's name (a served or pulled patch is NAME.reft): no separators, no leading dot, no "..";
+# \A..\Z, not ^..$: "$" also matches before a trailing newline, and "evil\n" is not a name
+PATCH_NAME = r"\A(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z"

@@ -49,9 +49,8 @@ def sst2_records(half: str, limit: int | None = None) -> list[dict[str, str]]:
 
 
 def write_jsonl(records: list[dict], path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    p.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return p
+    from .files import write_text
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _arrow(*parts: str):

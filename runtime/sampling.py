@@ -23,6 +23,8 @@ class SamplingParams:
             problems.append(f"top_p: {self.top_p!r}, expected a number in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             problems.append(f"top_k: {self.top_k!r}, expected an integer >= 0")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
+            problems.append(f"seed: {self.seed!r}, expected an integer in 0..2^63-1")
         if problems:
             raise ReftError("sampling: " + "; ".join(problems))
 
@@ -36,7 +38,10 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(np.argmax(logits))
-        x = logits.astype(np.float64) / p.temperature
+        x = logits.astype(np.float64)
+        # relative to the best logit first: a tiny temperature (1e-320) then gives -inf, never NaN
+        with np.errstate(over="ignore", divide="ignore"):
+            x = (x - x.max()) / p.temperature
         ids = np.arange(x.size)
         if p.top_k and p.top_k < x.size:
             ids = np.argpartition(-x, p.top_k - 1)[:p.top_k]

@@ -211,6 +211,8 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "extra-key": (_g(lambda g: g.set("reft.7.layer", U32, 1)), "ReftFormatError", "unexpected key"),
     "nan-weight": (_nan("weight", float("nan")), "ReftFormatError", "NaN/Inf"),
     "inf-bias": (_nan("bias", float("inf")), "ReftFormatError", "NaN/Inf"),
+    "huge-weight-1e30": (_nan("weight", 1e30), "ReftFormatError", "more than the limit of 10000"),
+    "huge-bias-2e4": (_nan("bias", -2e4), "ReftFormatError", "reft.0.bias: holds a value of magnitude"),
     "nan-rotate": (_nan("rotate", float("nan")), "ReftFormatError", "NaN/Inf"),
     "rotate-not-orthonormal": (_g(lambda g: _tensor(g, "reft.0.rotate", 2 * orthonormal(2, 16))),
                                "ReftFormatError", "not orthonormal"),

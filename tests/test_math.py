@@ -33,7 +33,9 @@ def test_torch_matches_numpy(rank, d, n):
     want = loreft.loreft(h, r, w, b)
     got = loreft_torch.loreft(torch.from_numpy(h), torch.from_numpy(r), torch.from_numpy(w),
                               torch.from_numpy(b)).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # float32 sums over d terms in BLAS-dependent order (blocking varies with threads and load):
+    # a bound scaled to the values, as for the closed form above, not a fixed 1e-5
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_identity_patch_is_exact():

@@ -249,3 +249,32 @@ def test_nf4_gradients_equal_the_dense_model_with_the_same_weights(smol_q4, exam
         grads.append([p.grad for p in t.reft.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_while_caching_prefixes_resumes(smol_q4, backbone, tmp_path, monkeypatch):
+    """Issue 14, item 6: an interrupt before the first step left a folder --resume could not use."""
+    from edge_reft.train import prefix, train
+    sst_file = write_jsonl(sst2_records("train", 8), tmp_path / "sst8.jsonl")
+    out = tmp_path / "u.reft"
+    cfg = TrainConfig(layers=(20,), rank=2, positions="l1", batch_size=8, max_steps=2)
+    real = prefix.build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prefix, "build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(smol_q4, sst_file, out, cfg, backbone=backbone, progress=False)
+    assert (tmp_path / "u.reft.ckpt" / "state.json").exists() and not out.exists()
+    monkeypatch.setattr(prefix, "build", real)
+    with pytest.raises(ReftError, match="--resume"):
+        train(smol_q4, sst_file, out, cfg, backbone=backbone, progress=False)
+    patch = train(smol_q4, sst_file, out, cfg, backbone=backbone, progress=False, resume=True)
+    assert patch.provenance["steps"] == 2 and not (tmp_path / "u.reft.ckpt").exists()
+
+
+def test_rank_above_n_embd_is_refused_before_any_work(smol_q4, sst_file, tmp_path):
+    from edge_reft.train import train
+    t = time.perf_counter()
+    with pytest.raises(ReftError, match="--rank 577: more than the model's hidden size n_embd 576"):
+        train(smol_q4, sst_file, tmp_path / "u.reft", TrainConfig(rank=577), progress=False)
+    assert time.perf_counter() - t < 5 and not list(tmp_path.iterdir())

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except ReftError as e:  # a user's mistake: one clear message, no traceback
         print(f"edge-reft {verb}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system said no (a missing folder, a full disk, no permission)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"edge-reft {verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"edge-reft {verb}: interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the intervention class, needed only for NoReFT without config.json")
     p.add_argument("--out", required=True, help="the .reft file to write")
     p.add_argument("--name", default="", help="patch name (default: the folder's name)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
     r = sub.add_parser("to-pyreft", help="a .reft patch to a pyreft save folder (needs torch)")
     r.add_argument("patch", help="a .reft file")
     r.add_argument("--out", required=True, help="a new folder for config.json and intkey_*.bin")
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     if a.source == "pyreft":
         from edge_reft.cli.inspect import format_patch
         patch = pyreft.convert(a.dir, a.base, a.out, a.positions, a.share_weights, name=a.name,
-                               intervention_type=a.type)
+                               intervention_type=a.type, force=a.force)
         print(format_patch(patch))
         return 0
     from edge_reft.reftfile import load_patch

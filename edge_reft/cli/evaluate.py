@@ -17,15 +17,12 @@ def main(argv: list[str]) -> int:
     from edge_reft.fingerprint import base_model
     from edge_reft.reftfile import load_patch
 
+    from edge_reft.errors import ReftError
+    if a.limit is not None and a.limit < 1:
+        raise ReftError(f"--limit {a.limit}: expected a number of examples >= 1")
     patch = load_patch(a.patch, model=base_model(a.base))
-    data = a.data
-    if a.limit:
-        import tempfile
-        from pathlib import Path
-        lines = [x for x in Path(a.data).read_text(encoding="utf-8").splitlines() if x.strip()][:a.limit]
-        data = Path(tempfile.mkdtemp()) / "subset.jsonl"
-        data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    rows = {"without patch": evaluate_patch(a.base, None, data), "with patch": evaluate_patch(a.base, patch, data)}
+    rows = {"without patch": evaluate_patch(a.base, None, a.data, limit=a.limit),
+            "with patch": evaluate_patch(a.base, patch, a.data, limit=a.limit)}
     if a.json:
         print(json.dumps(rows, indent=2))
     else:

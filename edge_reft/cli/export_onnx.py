@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--slots", type=int, default=2,
                     help="interventions per block a patch may stack (default 2)")
     ap.add_argument("--max-rank", type=int, default=16, help="the largest rank a patch may use (default 16)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
+    ap.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date, and replace a non-empty DIR that export-onnx did not write")
     return ap
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import spec
 from ..errors import ReftFormatError
-from ..fingerprint import MODEL_LIMITS, from_gguf, gguf_metadata
+from ..fingerprint import MODEL_CHECK_LIMITS, MODEL_LIMITS, from_gguf, gguf_metadata
 from ..ggufscan import read_metadata
 from ..patch import Patch
 from ..reftfile import load_patch
@@ -60,6 +60,9 @@ def format_patch(p: Patch) -> str:
 
 
 def model_record(path: str) -> dict[str, Any]:
+    """A model's identity, after checking that every tensor's data lies inside the file (a
+    truncated download must be reported, not fingerprinted as fine)."""
+    read_metadata(path, MODEL_CHECK_LIMITS)
     b = from_gguf(path)
     g = gguf_metadata(path)
     ft = g.fields.get("general.file_type")

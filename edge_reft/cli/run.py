@@ -43,6 +43,18 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def utf8(flag: str, text: str | bytes) -> str:
+    """``text`` as valid Unicode: argv holds undecodable bytes as lone surrogates, which no
+    tokenizer can take; refuse them by name instead of failing deep inside."""
+    from edge_reft.errors import ReftError
+    try:
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8")
+    except UnicodeError as e:
+        raise ReftError(f"{flag}: not valid UTF-8 text (at position {e.start}: "
+                        f"{e.object[e.start:e.start + 1]!r})") from None
+
+
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     from edge_reft.errors import ReftError
@@ -51,7 +63,10 @@ def main(argv: list[str]) -> int:
     if a.prompt is None and not a.chat:
         if sys.stdin.isatty():
             raise ReftError("give a prompt with -p, or --chat for a conversation (or pipe text on stdin)")
-        a.prompt = sys.stdin.read()
+        a.prompt = utf8("stdin", sys.stdin.buffer.read())
+    elif a.prompt is not None:
+        a.prompt = utf8("-p", a.prompt)
+    a.stop = [utf8("--stop", x) for x in a.stop]
     backend = a.backend or ("onnx" if a.model and os.path.isdir(a.model) else "llama.cpp")
     opts = {"n_ctx": a.ctx, "n_threads": a.threads}
     if backend == "llama.cpp":

@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
                     help="MiB of cached prefixes kept in memory; the rest go to disk (default 1024)")
     ap.add_argument("--name", default="")
     ap.add_argument("--description", default="")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
     return ap
 
 
@@ -53,10 +54,15 @@ def main(argv: list[str]) -> int:
                       weights_cache_mb=a.weights_cache_mb)
     try:
         patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, eval_data=a.eval_data, resume=a.resume,
-                      name=a.name, description=a.description)
+                      name=a.name, description=a.description, force=a.force)
     except KeyboardInterrupt:
-        print("\nedge-reft train: interrupted; checkpoint saved, continue with --resume "
-              "(same flags)", file=sys.stderr)
+        from pathlib import Path
+        if (Path(f"{a.out}.ckpt") / "state.json").is_file():
+            print("\nedge-reft train: interrupted; checkpoint saved, continue with --resume "
+                  "(same flags)", file=sys.stderr)
+        else:
+            print("\nedge-reft train: interrupted before training started; nothing to resume",
+                  file=sys.stderr)
         return 130
     print(format_patch(patch))
     return 0

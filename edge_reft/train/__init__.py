@@ -13,7 +13,9 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ReftError
-from ..patch import Patch
+from ..fingerprint import base_model
+from ..outputs import check_output
+from ..patch import BaseModel, Patch
 from ..reftfile import save_patch
 from .backbone import Backbone, load_backbone
 from ..dataset import encode, file_sha256, prompter_for, read_jsonl
@@ -25,15 +27,20 @@ __all__ = ["train", "TrainConfig", "Trainer", "DEFAULT_LR", "load_backbone", "Ba
 def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
           config: TrainConfig, *, backbone: Backbone | None = None, kind: str | None = None,
           eval_data: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
-          name: str = "", description: str = "") -> Patch:
-    """Train, write ``out`` atomically (checkpoints in ``out``.ckpt/ until done), return the patch."""
-    from tqdm import tqdm
+          name: str = "", description: str = "", force: bool = False) -> Patch:
+    """Train, write ``out`` atomically (checkpoints in ``out``.ckpt/ until done), return the patch.
 
+    Everything that can be checked without the backbone is checked first (the base, the data,
+    the output, the options against the model's shape), so a mistake costs a second, not a run."""
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
+    model = _check_inputs(base, data, eval_data, config)
+    check_output(out, [base, data, eval_data], force=force)
     if ckpt.exists() and not resume:
         raise ReftError(f"{ckpt}: a checkpoint of an earlier run is here; pass --resume to continue "
                         "it, or delete it to start afresh")
+    if resume and not (ckpt / "state.json").is_file():
+        raise ReftError(f"{ckpt}: no checkpoint to resume (start without --resume)")
     t0 = time.perf_counter()
     prompter, close = prompter_for(base)
     try:
@@ -42,8 +49,44 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         close()
     bb = backbone or load_backbone(base, kind, cache_mb=config.weights_cache_mb)
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
-    if resume and not trainer.load_checkpoint():
-        raise ReftError(f"{ckpt}: no checkpoint to resume")
+    if resume:
+        trainer.load_checkpoint()
+    else:  # step 0 on disk before the first slow stage: an interrupt anywhere can be resumed
+        trainer.save_checkpoint()
+    try:
+        return _finish(trainer, base, data, out, ckpt, config, bb, examples, eval_data, progress, name,
+                       description, t0)
+    except KeyboardInterrupt:
+        raise  # the checkpoint stays: --resume continues it
+    except BaseException:
+        if trainer.step == 0 and not resume:  # a failure before any progress leaves nothing behind
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+
+
+def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str],
+                  eval_data: str | os.PathLike[str] | None, config: TrainConfig) -> BaseModel:
+    """The base model's shape, after checking the files exist and the options fit the model."""
+    for flag, path in (("BASE", base), ("--data", data), ("--eval-data", eval_data)):
+        if path is not None and not Path(path).exists():
+            raise ReftError(f"{flag} {path}: no such file" + (" or folder" if flag == "BASE" else ""))
+    if not Path(data).is_file():
+        raise ReftError(f"--data {data}: not a regular file (expected JSON Lines)")
+    model = base_model(base)
+    problems = []
+    if config.rank > model.n_embd:
+        problems.append(f"--rank {config.rank}: more than the model's hidden size n_embd {model.n_embd}")
+    bad = [L for L in config.layers if L >= model.n_layer]
+    if bad:
+        problems.append(f"--layers: block {bad[0]} does not exist (the model has blocks 0..{model.n_layer - 1})")
+    if problems:
+        raise ReftError(f"train {base}: " + "; ".join(problems))
+    return model
+
+
+def _finish(trainer: Trainer, base, data, out: Path, ckpt: Path, config: TrainConfig, bb: Backbone,
+            examples: list, eval_data, progress: bool, name: str, description: str, t0: float) -> Patch:
+    from tqdm import tqdm
     quiet = not progress
     with tqdm(total=len(examples), desc="caching prefixes", unit="ex", disable=quiet, file=sys.stderr) as bar:
         trainer.prepare(bar.update)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ReftError
+from ..files import atomic_path, write_text
 from ..positions import PositionRule
 from . import prefix
 from ..dataset import Example
@@ -200,11 +201,9 @@ class Trainer:
                 tensors[f"opt.{pid}.{k}"] = v.detach().clone().reshape(v.shape)
         meta = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
                 "param_groups": opt["param_groups"], "n_examples": len(self.examples)}
-        tmp = self.ckpt / "state.safetensors.tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, self.ckpt / "state.safetensors")
-        (self.ckpt / "state.json.tmp").write_text(json.dumps(meta))
-        os.replace(self.ckpt / "state.json.tmp", self.ckpt / "state.json")
+        with atomic_path(self.ckpt / "state.safetensors") as tmp:
+            save_file(tensors, tmp)
+        write_text(self.ckpt / "state.json", json.dumps(meta))  # last: it names a complete state
         return self.ckpt
 
     def load_checkpoint(self) -> bool:
