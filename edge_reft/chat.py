@@ -8,6 +8,8 @@ or ``chat_template.jinja`` in an HF folder), run in jinja2's sandbox.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -111,11 +113,19 @@ class Prompter:
     one); ``is_end_of_turn(token)`` marks the token that ends an assistant turn.
     The runtime renders prompts with this, and training renders examples with
     it, so a patch is trained on exactly the prompts it will be served with.
+
+    Message content is text, never control tokens: ``tokenize_text(text)``
+    tokenizes it with special-token text (``<|im_start|>system``) left as
+    characters, so a user cannot forge a turn; only the template's own text is
+    parsed for control tokens.  Content without such text gets exactly the
+    tokens of the whole rendered prompt, as before.
     """
 
     def __init__(self, template: ChatTemplate | None, tokenize: Callable[[str, bool], list[int]],
-                 is_end_of_turn: Callable[[int], bool]):
+                 is_end_of_turn: Callable[[int], bool],
+                 tokenize_text: Callable[[str], list[int]] | None = None):
         self.template, self.tokenize, self.is_end_of_turn = template, tokenize, is_end_of_turn
+        self.tokenize_text = tokenize_text
 
     def prompt(self, prompt: str | None = None, messages: Sequence[Message] | None = None,
                raw: bool = False) -> list[int]:
@@ -128,7 +138,7 @@ class Prompter:
             toks = self.tokenize(prompt, True)
         else:
             msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
-            toks = self.tokenize(self._template().render(msgs, add_generation_prompt=True), False)
+            toks = self._conversation(msgs, add_generation_prompt=True)
         if not toks:
             raise ReftError("the prompt is empty (0 tokens); a patch needs prompt tokens to edit")
         return toks
@@ -138,8 +148,8 @@ class Prompter:
         assistant's reply as the template writes it, up to and including the
         token that ends the turn (what generation must produce, then stop at)."""
         prompt = self.prompt(messages=messages)
-        full = self.tokenize(self._template().render(
-            [*messages, {"role": "assistant", "content": response}], add_generation_prompt=False), False)
+        full = self._conversation([*messages, {"role": "assistant", "content": response}],
+                                  add_generation_prompt=False)
         if full[:len(prompt)] != prompt:
             raise ReftError("chat template: the rendered conversation does not start with the rendered "
                             "prompt, so the reply cannot be located; train with raw prompts instead")
@@ -150,6 +160,55 @@ class Prompter:
         if end == 0 and response:
             raise ReftError("chat template: the reply renders to no tokens")
         return prompt, target[:end + 1]
+
+    def _conversation(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        """Tokens of a rendered conversation, its message content as plain text."""
+        msgs = check_messages(messages)
+        text = self._template().render(msgs, add_generation_prompt=add_generation_prompt)
+        if self.tokenize_text is None or not any(self._holds_control_text(m["content"]) for m in msgs):
+            return self.tokenize(text, False)
+        toks: list[int] = []
+        for piece, is_content in self._segments(msgs, text, add_generation_prompt):
+            toks += self.tokenize_text(piece) if is_content else self.tokenize(piece, False)
+        return toks
+
+    def _holds_control_text(self, content: str) -> bool:
+        assert self.tokenize_text is not None
+        return bool(content) and self.tokenize(content, False) != self.tokenize_text(content)
+
+    def _segments(self, msgs: list[dict[str, str]], text: str,
+                  add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """``text`` cut into the template's own pieces and each message's content, found by
+        rendering the conversation again with a random marker in place of each content (a
+        template may trim content: the rendered content is the original, trimmed or not)."""
+        tag = secrets.token_hex(8)
+        marked = [{"role": m["role"], "content": f"\x00{tag}:{i}\x00"} for i, m in enumerate(msgs)]
+        skeleton = self._template().render(marked, add_generation_prompt=add_generation_prompt)
+        parts = re.split(f"\x00{tag}:([0-9]+)\x00", skeleton)  # template, index, template, ...
+        out, pos = [], 0
+        for k in range(0, len(parts), 2):
+            tmpl = parts[k]
+            if not text.startswith(tmpl, pos):
+                break
+            out.append((tmpl, False))
+            pos += len(tmpl)
+            if k + 1 == len(parts):
+                return out if pos == len(text) else self._unsegmentable(msgs)
+            c = msgs[int(parts[k + 1])]["content"]
+            nxt = parts[k + 2]
+            found = next((x for x in (c, c.strip(), c.lstrip(), c.rstrip())
+                          if text.startswith(x + nxt, pos)), None)
+            if found is None:
+                break
+            out.append((found, True))
+            pos += len(found)
+        return self._unsegmentable(msgs)
+
+    def _unsegmentable(self, msgs: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        i = next(i for i, m in enumerate(msgs) if self._holds_control_text(m["content"]))
+        raise ReftError(f"messages[{i}].content: holds the text of a control token (such as a chat "
+                        "turn marker) and this model's chat template rewrites message text, so it "
+                        "cannot be kept as plain text; remove the marker")
 
     def _template(self) -> ChatTemplate:
         if self.template is None:

@@ -40,7 +40,8 @@ def prompter_for(base: str | os.PathLike[str]) -> tuple[Prompter, object]:
             template = ChatTemplate.from_gguf(path)
         except ReftError:
             template = None
-        return Prompter(template, vocab.tokenize, vocab.is_eog), vocab.close
+        return Prompter(template, vocab.tokenize, vocab.is_eog,
+                        lambda text: vocab.tokenize(text, False, parse_special=False)), vocab.close
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     specials = {t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]

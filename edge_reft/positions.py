@@ -73,22 +73,31 @@ class PositionRule:
 
 
 def edit_signature(rules: Sequence[PositionRule], n_prompt: int, n_total: int) -> np.ndarray:
-    """Per position of a sequence, a bitmask of the interventions that edit it.
+    """Per position of a sequence, a bitmask of the interventions that edit it: a
+    (n_total, words) uint64 array, bit ``i % 64`` of word ``i // 64`` for intervention ``i``.
 
     Positions ``< n_prompt`` are the prompt; later ones are generated tokens,
     edited only by ``all`` rules.  Two cached sequences can share a KV-cache
-    prefix only where their signatures (and tokens) agree.
+    prefix only where their signatures (and tokens) agree.  Rows have as many
+    words as the set needs, so any set the format allows (``spec.MAX_INTERVENTIONS``
+    per patch, patches stacked) has a signature: there is no runtime limit of its own.
     """
-    if len(rules) > 63:
-        raise PositionError(f"{len(rules)} interventions: at most 63 per patch set are supported")
-    sig = np.zeros(n_total, dtype=np.uint64)
+    words = max(1, (len(rules) + 63) // 64)
+    sig = np.zeros((n_total, words), dtype=np.uint64)
     for i, rule in enumerate(rules):
-        bit = np.uint64(1 << i)
+        w, bit = divmod(i, 64)
+        mask = np.uint64(1 << bit)
         if rule.all:
-            sig |= bit
+            sig[:, w] |= mask
         else:
-            sig[rule.select(n_prompt)] |= bit
+            sig[rule.select(n_prompt), w] |= mask
     return sig
+
+
+def _rows(sig: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` rows of a signature as (n, words) (a 1-D array is one word per row)."""
+    s = np.asarray(sig)[:n]
+    return s.reshape(len(s), -1)
 
 
 def reusable_prefix(old_tokens: Sequence[int], old_sig: np.ndarray,
@@ -107,8 +116,12 @@ def reusable_prefix(old_tokens: Sequence[int], old_sig: np.ndarray,
     if n == 0:
         return 0
     a = np.asarray(old_tokens[:n], dtype=np.int64) != np.asarray(new_tokens[:n], dtype=np.int64)
-    diff = a | (old_sig[:n] != new_sig[:n])
+    old, new = _rows(old_sig, n), _rows(new_sig, n)
+    if old.shape[1] != new.shape[1]:  # sets of different sizes: compare on the wider rows
+        w = max(old.shape[1], new.shape[1])
+        old, new = (np.pad(x, ((0, 0), (0, w - x.shape[1]))) for x in (old, new))
+    diff = a | (old != new).any(axis=1)
     if not same_edits:
-        diff |= (old_sig[:n] != 0) | (new_sig[:n] != 0)
+        diff |= old.any(axis=1) | new.any(axis=1)
     hits = np.flatnonzero(diff)
     return int(hits[0]) if hits.size else n

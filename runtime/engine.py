@@ -110,6 +110,16 @@ class EngineBase:
     def _piece(self, token: int) -> bytes:
         raise NotImplementedError
 
+    def _tokenize_text(self, text: str) -> list[int]:
+        """``text`` as plain characters, special-token text in it not parsed (message content).
+        Backends that can should override this; the default refuses text that would parse
+        into a control token (one that renders as no text), so no content forges a turn."""
+        toks = self._tokenize(text, False)
+        if any(not self._piece(t) for t in toks):
+            raise ReftError("message content holds the text of a control token (such as a chat turn "
+                            "marker), which this backend cannot keep as plain text; remove it")
+        return toks
+
     def _is_eog(self, token: int) -> bool:
         raise NotImplementedError
 
@@ -185,7 +195,7 @@ class EngineBase:
 
     def prompter(self) -> Prompter:
         """This model's Prompter (the same rendering and tokenization training uses)."""
-        return Prompter(self.chat, self._tokenize, self._is_eog)
+        return Prompter(self.chat, self._tokenize, self._is_eog, self._tokenize_text)
 
     # ---- generation ------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,

@@ -96,6 +96,9 @@ class LlamaCppEngine(EngineBase):
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         return self.native.vocab.tokenize(text, add_special)
 
+    def _tokenize_text(self, text: str) -> list[int]:
+        return self.native.vocab.tokenize(text, False, parse_special=False)
+
     def _piece(self, token: int) -> bytes:
         return self.native.vocab.piece(token)
 

@@ -18,78 +18,36 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, AsyncIterator
 
 from edge_reft.errors import PatchMismatchError, ReftError, ReftFormatError
 
+from starlette.requests import Request  # module level, as the bodies: FastAPI resolves annotations here
+
+from .access import EVERYTHING, AccessKeys, Grant
+from .edits import EMPTY, PatchSet
 from .api import ChatRequest, CompletionRequest  # module level: FastAPI resolves annotations here
-from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore
+from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore, PatchUnreadable
+from .pool import ClientGone, EnginePool, Job, QueueFull, job_events, race, until_disconnect
 
 MAX_BODY = 1 << 20
 
 
-class EnginePool:
-    """Free engines and waiting requests.  A request goes to a free engine that holds KV
-    state computed under its patch if there is one; a freed engine goes to the oldest waiter
-    whose patch it holds state for among the next ``window`` waiters, else to the oldest:
-    cache reuse without letting a request be passed over more than ``window`` times."""
-
-    def __init__(self, model: str | None, workers: int, **engine_options: Any):
-        from . import Engine
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        self.engines = [Engine(model, n_threads=threads, **engine_options) for _ in range(workers)]
-        self.base = self.engines[0].base
-        self.window = 2 * workers
-        self._idle = list(self.engines)
-        self._waiters: list[tuple[str, asyncio.Future, list[int]]] = []  # key, future, times passed over
-
-    async def acquire(self, key: str = ""):
-        if self._idle:
-            match = [e for e in self._idle if e.holds_state(key)]
-            engine = match[0] if match else self._idle[0]
-            self._idle.remove(engine)
-            return engine
-        fut = asyncio.get_running_loop().create_future()
-        entry = (key, fut, [0])
-        self._waiters.append(entry)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-            elif fut.done() and not fut.cancelled():
-                self.release(fut.result())
-            raise
-
-    def release(self, engine) -> None:
-        self._waiters = [w for w in self._waiters if not w[1].done()]  # cancelled meanwhile
-        if not self._waiters:
-            self._idle.append(engine)
-            return
-        pick = 0
-        if self._waiters[0][2][0] < self.window:
-            pick = next((i for i, (k, _, _) in enumerate(self._waiters[:self.window])
-                         if engine.holds_state(k)), 0)
-        for _, _, passed in self._waiters[:pick]:
-            passed[0] += 1
-        _, fut, _ = self._waiters.pop(pick)
-        fut.set_result(engine)
-
-    def close(self) -> None:
-        for e in self.engines:
-            e.close()
-
-
 def create_app(model: str | None, patches: str | os.PathLike[str], workers: int = 1,
-               max_body: int = MAX_BODY, **engine_options: Any):
-    from fastapi import FastAPI, Request
+               max_body: int = MAX_BODY, max_queue: int = 64, keys: AccessKeys | None = None,
+               **engine_options: Any):
+    """The FastAPI app.  ``max_queue`` requests may wait for a worker (more: 503 with
+    Retry-After); with ``keys``, each request needs a bearer key and may use only its patches."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
+    from starlette.exceptions import HTTPException
 
-    pool = EnginePool(model, workers, **engine_options)
+    pool = EnginePool(model, workers, max_queue=max_queue, **engine_options)
     store = PatchStore(patches, pool.base)
     model_id = pool.base.name or pool.base.architecture
 
@@ -100,121 +58,222 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     app = FastAPI(title="edge-reft", version="1", lifespan=lifespan)
     app.state.pool, app.state.store = pool, store
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
-            return _error(413, f"request body of {size} bytes exceeds the limit of {max_body}", "too_large")
-        if size is None and request.method == "POST":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body:
-                    return _error(413, f"request body exceeds the limit of {max_body} bytes", "too_large")
-            request._body = body
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_body=max_body)
 
     @app.exception_handler(ReftError)
     async def reft_error(request: Request, exc: ReftError):
-        return _reft_error(exc)
+        return _reft_error(exc, _public(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc.errors()), "invalid_request",
+                      _validation_field(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    psets: OrderedDict[int, tuple[Any, PatchSet]] = OrderedDict()
+    psets_lock = threading.Lock()
+
+    def compiled(name: str) -> PatchSet:
+        """The patch ``name`` compiled once per loaded version (engines of one model share
+        it): a 1,024-intervention patch is not recompiled and rehashed at each request."""
+        patch = store.get(name)
+        with psets_lock:
+            hit = psets.get(id(patch))
+            if hit is not None and hit[0] is patch:
+                return hit[1]
+        pset = pool.engines[0].patch_set(patch)
+        with psets_lock:
+            psets[id(patch)] = (patch, pset)
+            while len(psets) > store.capacity:
+                psets.popitem(last=False)
+        return pset
+
+    def grant_of(request: Request) -> Grant:
+        if keys is None:
+            return EVERYTHING
+        g = keys.grant(request.headers.get("authorization"))
+        if g is None:
+            raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return g
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": pool.base.fingerprint,
-                "workers": len(pool.engines), "patches_cached": len(store), "patch_loads": store.loads}
+                "workers": len(pool.engines), "busy": pool.busy, "waiting": pool.waiting,
+                "patches_cached": len(store), "patch_loads": store.loads}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        grant = grant_of(request)
+        names = await asyncio.to_thread(store.names, grant.allows)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": "edge-reft",
-                                            "patches": store.names()}]}
+                                            "patches": names}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await _serve(req, dict(prompt=req.prompt, raw=True), "text_completion")
+    async def completions(req: CompletionRequest, request: Request):
+        return await _serve(request, req, dict(prompt=req.prompt, raw=True), "text_completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         msgs = [m.model_dump() for m in req.messages]
-        return await _serve(req, dict(messages=msgs), "chat.completion")
+        return await _serve(request, req, dict(messages=msgs), "chat.completion")
 
-    async def _serve(req, source: dict, kind: str):
-        patch = store.get(req.patch) if req.patch else None  # 400/403/404/422 before any work
-        pset = pool.engines[0].patch_set(patch)  # compiled once; engines of one model share it
+    async def _serve(request: Request, req, source: dict, kind: str):
+        """Every way a request ends goes through here: refused before any work (4xx, 503),
+        its client gone while it waits, during the prefill or the answer (the job is
+        cancelled and its engine freed), or answered."""
+        grant = grant_of(request)
+        pset = EMPTY
+        if req.patch:
+            if not grant.allows(req.patch):  # answered like a missing patch: no probing of names
+                raise PatchNotFound(f"patch {req.patch!r:.80}: no such patch")
+            pset = await asyncio.to_thread(compiled, req.patch)  # file access and math off the loop
         opts = dict(source, patch=pset, max_tokens=req.max_tokens, temperature=req.temperature,
                     top_p=req.top_p, seed=req.seed, stop=req.stop_list())
         rid = f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        engine = await pool.acquire(pset.key)
-        if not req.stream:
-            try:
-                r = await asyncio.to_thread(lambda: engine.generate(stream=False, **opts))
-            finally:
-                pool.release(engine)
-            return _final(kind, rid, model_id, r)
-        return StreamingResponse(_stream(engine, opts, kind, rid), media_type="text/event-stream")
-
-    async def _stream(engine, opts: dict, kind: str, rid: str) -> AsyncIterator[str]:
-        """Generate in a thread that owns the engine until it is done; a client that goes
-        away cancels the generation at the next token."""
-        q: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
-        def work() -> None:
-            try:
-                gen = engine.generate(stream=True, **opts)
-                for piece in gen:
-                    if cancel.is_set():
-                        gen.close()
-                        return
-                    q.put(("piece", piece))
-                q.put(("done", gen.result))
-            except BaseException as e:  # reported in the stream; the engine stays usable
-                q.put(("error", e))
-            finally:
-                loop.call_soon_threadsafe(pool.release, engine)
-        threading.Thread(target=work, daemon=True).start()
+        gone = asyncio.ensure_future(until_disconnect(request.receive))
+        job, streaming = None, False
         try:
-            first = True
-            while True:
-                what, value = await asyncio.to_thread(q.get)
+            engine = await race(pool.acquire(pset.key), gone, orphan=pool.release)
+            job = Job(engine, opts, pool.release)
+            first = await race(job.next(), gone)  # errors found before the first token: a 4xx
+            if first[0] == "error":
+                return _failure(first[1])
+            events = job_events(job, first, gone)
+            if req.stream:
+                streaming = True  # from here the stream owns the job and the watcher
+                return StreamingResponse(_sse_stream(events, kind, rid, gone), media_type="text/event-stream")
+            try:
+                async for what, value in events:
+                    if what == "error":
+                        return _failure(value)
+                    if what == "done":
+                        return _final(kind, rid, model_id, value)
+            finally:
+                await events.aclose()
+        except ClientGone:
+            if job is not None:
+                job.cancel()
+            return _error(499, "the client closed the request", "client_closed")
+        except QueueFull as e:
+            return _error(503, str(e), "overloaded", headers={"Retry-After": "1"})
+        finally:
+            if not streaming:
+                gone.cancel()
+
+    async def _sse_stream(events, kind: str, rid: str, gone: asyncio.Task) -> AsyncIterator[str]:
+        """The answer as server-sent events; a client that goes away (seen by the disconnect
+        watcher or by a failed send) cancels the job at the next token."""
+        first = True
+        try:
+            async for what, value in events:
                 if what == "piece":
                     yield _sse(_chunk(kind, rid, model_id, value, None, first))
                     first = False
                 elif what == "done":
                     yield _sse(_chunk(kind, rid, model_id, "", value.finish_reason, first))
-                    break
                 else:
-                    yield _sse({"error": {"message": str(value), "type": type(value).__name__}})
-                    break
+                    yield _sse({"error": {"message": _public(value), "type": type(value).__name__}})
             yield "data: [DONE]\n\n"
-        finally:
-            cancel.set()
+        except ClientGone:
+            return
+        finally:  # synchronous first: under a cancelled scope every await raises again
+            gone.cancel()
+            await events.aclose()
+
+    def _public(exc: BaseException) -> str:
+        """An error's text for a client: no server path in it."""
+        return str(exc).replace(str(store.folder) + os.sep, "").replace(str(store.folder), "<patches>")
+
+    def _failure(exc: BaseException):
+        if isinstance(exc, ReftError):
+            return _reft_error(exc, _public(exc))
+        return _error(500, f"internal error ({type(exc).__name__})", "internal_error")
 
     return app
 
 
-def _error(status: int, message: str, kind: str, field: str | None = None):
-    from fastapi.responses import JSONResponse
+class BodyLimit:
+    """Pure ASGI: reads a POST body up to ``max_body`` bytes (413 beyond, whatever
+    Content-Length claims) and replays it, then passes ``receive`` through untouched so
+    handlers can watch for the client's disconnect."""
+
+    def __init__(self, app, max_body: int = MAX_BODY):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_body):
+            shown = size.decode("latin-1")[:32]
+            return await _error(413, f"request body of {shown} bytes exceeds the limit of {self.max_body}",
+                                "too_large")(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_body:
+                return await _error(413, f"request body exceeds the limit of {self.max_body} bytes",
+                                    "too_large")(scope, receive, send)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        return await self.app(scope, replayed, send)
+
+
+def _error(status: int, message: str, kind: str, field: str | None = None,
+           headers: dict[str, str] | None = None):
+    """The one error shape: ``{"error": {"message", "type", "field"?}}``, rendered as ASCII
+    JSON so no text a client sent (a lone surrogate, say) can make the error itself fail."""
+    from fastapi.responses import Response
     err: dict[str, Any] = {"message": message, "type": kind}
     if field:
         err["field"] = field
-    return JSONResponse({"error": err}, status_code=status)
+    body = json.dumps({"error": err}, ensure_ascii=True, allow_nan=False, default=str)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def _reft_error(exc: ReftError):
+def _reft_error(exc: ReftError, message: str | None = None):
+    msg = str(exc) if message is None else message
     if isinstance(exc, PatchNotFound):
-        return _error(404, str(exc), "patch_not_found")
-    if isinstance(exc, (PatchNameError,)):
-        return _error(400, str(exc), "invalid_patch_name")
+        return _error(404, msg, "patch_not_found")
+    if isinstance(exc, PatchNameError):
+        return _error(400, msg, "invalid_patch_name")
     if isinstance(exc, PatchOutsideFolder):
-        return _error(403, str(exc), "patch_outside_folder")
+        return _error(403, msg, "patch_outside_folder")
+    if isinstance(exc, PatchUnreadable):
+        return _error(422, msg, "invalid_patch", "file")
+    if isinstance(exc, QueueFull):
+        return _error(503, msg, "overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, ReftFormatError):
         field = exc.problems[0].split(":")[0] if exc.problems else None
-        return _error(422, str(exc), "invalid_patch", field)
+        return _error(422, msg, "invalid_patch", field)
     if isinstance(exc, PatchMismatchError):
-        return _error(422, str(exc), "patch_for_another_model")
-    return _error(400, str(exc), "invalid_request")
+        return _error(422, msg, "patch_for_another_model")
+    return _error(400, msg, "invalid_request")
+
+
+def _validation_field(errors) -> str | None:
+    loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+    return ".".join(loc) or None
+
+
+def _validation_message(errors) -> str:
+    """pydantic's errors as one line each (location: message), without echoing the input."""
+    lines = []
+    for e in list(errors)[:8]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        lines.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request"
 
 
 def _final(kind: str, rid: str, model: str, r) -> dict:
@@ -248,7 +307,7 @@ def _sse(obj: dict) -> str:
 
 @contextlib.contextmanager
 def running_server(model: str | None, patches: str | os.PathLike[str], workers: int = 2,
-                   host: str = "127.0.0.1", **engine_options: Any):
+                   host: str = "127.0.0.1", **options: Any):
     """Serve in a background thread on a free port of ``host``; yields the base URL."""
     import socket
 
@@ -256,7 +315,7 @@ def running_server(model: str | None, patches: str | os.PathLike[str], workers: 
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    app = create_app(model, patches, workers=workers, **engine_options)
+    app = create_app(model, patches, workers=workers, **options)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -79,4 +79,21 @@ def test_across_patch_sets_only_unedited_positions_are_kept():
 def test_signature_bits_per_intervention():
     rules = [PositionRule.parse(r) for r in ("f1", "l1", "all")]
     sig = edit_signature(rules, n_prompt=3, n_total=5)
-    assert sig.tolist() == [0b101, 0b100, 0b110, 0b100, 0b100]
+    assert sig[:, 0].tolist() == [0b101, 0b100, 0b110, 0b100, 0b100]
+
+
+@pytest.mark.parametrize("count", [63, 64, 65, 1024])
+def test_signatures_name_every_intervention_the_format_allows(count):
+    """One limit (spec.MAX_INTERVENTIONS): a signature has a bit for each of up to 1024
+    interventions, and reuse stops where any one of them, even the last, edits."""
+    from edge_reft import spec
+    assert count <= spec.MAX_INTERVENTIONS
+    rules = [PositionRule.parse("f1")] * (count - 1) + [PositionRule.parse("l1")]
+    sig = edit_signature(rules, 10, 10)
+    assert sig.shape == (10, (count + 63) // 64)
+    last_word, last_bit = divmod(count - 1, 64)
+    assert np.flatnonzero(sig[:, last_word] & np.uint64(1 << last_bit)).tolist() == [9]
+    toks = list(range(10))
+    longer = edit_signature(rules, 12, 12)   # two more tokens: the l1 edit moves from 9 to 11
+    assert reusable_prefix(toks, sig, toks + [5, 6], longer) == 9
+    assert reusable_prefix(toks, sig, toks + [5, 6], longer, same_edits=False) == 0
