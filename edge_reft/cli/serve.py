@@ -40,7 +40,10 @@ def main(argv: list[str]) -> int:
                     help='bearer keys and the patches each may use: {"KEY": ["alice"], "OPS": "*"}; '
                          "without it any client may use any patch")
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--ngl", type=int, default=0)
+    ap.add_argument("--ngl", type=int, default=0, help="layers offloaded to the GPU")
+    ap.add_argument("--repack", choices=["auto", "on", "off"], default=None,
+                    help="llama.cpp's CPU weight repacking (default: $EDGE_REFT_REPACK, else auto: off "
+                         "where llama.cpp offers AMX, whose repacked matmul crashes in the pinned build)")
     ap.add_argument("--state-cache-mb", type=float, default=64.0,
                     help="per worker: KV states kept for other patches than the current one, so each "
                          "user's prompt is resumed (0: off)")
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> int:
     from edge_reft.runtime.server import create_app
     keys = AccessKeys.load(a.keys) if a.keys else None
     app = create_app(a.model, a.patches, workers=a.workers, max_queue=a.queue, keys=keys, n_ctx=a.ctx,
-                     n_gpu_layers=a.ngl, state_cache_mb=a.state_cache_mb)
+                     n_gpu_layers=a.ngl, state_cache_mb=a.state_cache_mb, repack=a.repack)
     auth = f", {len(keys)} keys" if keys else ""
     print(f"[edge-reft] serving on http://{a.host}:{a.port} (patches from {a.patches}{auth})", file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
