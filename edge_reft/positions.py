@@ -106,7 +106,7 @@ def reusable_prefix(old_tokens: Sequence[int], old_sig: np.ndarray,
 
     The KV cache of a position depends on the tokens and the edits at and
     before it, so the prefix ends at the first position where either differs
-    (the DESIGN's multi-turn rule: positions edited before but not now, or the
+    (FORMAT.md's multi-turn rule: positions edited before but not now, or the
     reverse, are recomputed from the first such position).  Signatures name
     interventions by index within their own patch set, so when the sequences
     were edited by different sets (``same_edits=False``) the prefix also ends

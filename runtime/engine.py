@@ -4,7 +4,7 @@ A backend implements four primitives: ``_tokenize``, ``_piece``,
 ``_forward`` (run a chunk of tokens at given positions, with the edits of a
 ``PatchSet``, and return logits) and ``_keep`` (cut the KV cache back).
 Everything else lives here once: chat template, patch binding, the
-KV-cache reuse rule of DESIGN.md, sampling, stop strings, streaming.
+KV-cache reuse rule of FORMAT.md ("Positions"), sampling, stop strings, streaming.
 
 Threading: an engine owns one context and serializes generations with a
 lock; use one engine per thread for parallelism.  A streamed generation holds
@@ -206,7 +206,7 @@ class EngineBase:
         """Generate a reply; streams text pieces (``stream=True``) or returns a Completion.
 
         cache: "exact" reuses the KV cache only where it is provably the same
-        as recomputing (DESIGN.md); "fast" reuses any shared token prefix even
+        as recomputing (FORMAT.md, "Positions"); "fast" reuses any shared token prefix even
         if the patch's positions moved; "off" recomputes the whole prompt.
         """
         if cache not in CACHE_MODES:

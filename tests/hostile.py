@@ -82,7 +82,7 @@ def orthonormal(r: int, d: int, seed: int = 0) -> np.ndarray:
 
 def valid(n_embd: int = 16, n_layer: int = 4, rank: int = 2, count: int = 1,
           dtype: str = "F32", positions: str = "f1+l1") -> G:
-    """A correct `.reft` image following DESIGN.md, built by hand."""
+    """A correct `.reft` image following FORMAT.md, built by hand."""
     g = G()
     g.set("general.architecture", STR, "llama").set("general.type", STR, "adapter")
     g.set("adapter.type", STR, "reft").set("reft.version", U32, 1)

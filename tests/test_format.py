@@ -116,7 +116,7 @@ INDEPENDENT_WRITER = r'''
 import sys, numpy as np, gguf
 from gguf import GGUFValueType as T
 d, r, path, fp = 64, 3, sys.argv[1], sys.argv[2]
-w = gguf.GGUFWriter(path, "llama")  # follows DESIGN.md, nothing of edge_reft
+w = gguf.GGUFWriter(path, "llama")  # follows FORMAT.md, nothing of edge_reft
 for k, v, t in [("general.type", "adapter", T.STRING), ("adapter.type", "reft", T.STRING),
                 ("reft.version", 1, T.UINT32), ("reft.base.n_embd", d, T.UINT32),
                 ("reft.base.n_layer", 6, T.UINT32), ("reft.base.fingerprint", fp, T.STRING),

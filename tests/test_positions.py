@@ -1,4 +1,4 @@
-"""Position rules: a table of cases against pyreft's rule as DESIGN.md states it."""
+"""Position rules: a table of cases against pyreft's rule as FORMAT.md states it."""
 from __future__ import annotations
 
 import numpy as np
