@@ -95,6 +95,10 @@ class EngineBase:
     n_ctx: int
     n_ubatch: int
     chat: ChatTemplate | None
+    # Whether a generated token's KV, computed in a one-token decode step with its edit, is
+    # bitwise what a batch recomputation gives.  The llama.cpp gate edits each row alike; an
+    # in-graph edit (ONNX MatMul) takes another kernel for one row than for several.
+    decode_rows_reusable = True
 
     def __init__(self, state_cache_mb: float = 0.0) -> None:
         self._lock = threading.Lock()
@@ -285,6 +289,8 @@ class EngineBase:
                 else:
                     n = 0
         n = max(0, min(n, len(toks) - MIN_RECOMPUTED))
+        if cache == "exact" and not self.decode_rows_reusable and self._cache.pset.edits_generated:
+            n = min(n, self._cache.n_prompt)  # rows edited one token at a time: recompute them
         if not self._keep(n):
             n = 0
             self._keep(0)

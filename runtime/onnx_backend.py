@@ -79,6 +79,8 @@ class KVCache:
 class OnnxEngine(EngineBase):
     """Generate with an export-onnx folder through onnxruntime, applying patches per call."""
 
+    decode_rows_reusable = False  # MLAS: one-row MatMuls round otherwise (see EngineBase)
+
     def __init__(self, model: str | os.PathLike[str], *, n_ctx: int = 2048, n_threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), state_cache_mb: float = 64.0):
         super().__init__(state_cache_mb)
@@ -126,6 +128,9 @@ class OnnxEngine(EngineBase):
     # ---- backend primitives ----------------------------------------------------------------
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         return self.vocab.encode(text, add_special)
+
+    def _tokenize_text(self, text: str) -> list[int]:
+        return self.vocab.encode_text(text)
 
     def _piece(self, token: int) -> bytes:
         return self.vocab.pieces[token] if 0 <= token < len(self.vocab.pieces) else b""

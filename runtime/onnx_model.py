@@ -162,6 +162,8 @@ class Vocab:
         path = folder / "tokenizer.json"
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
+            self.plain = Tokenizer.from_file(str(path))  # a second one: the flag is per instance
+            self.plain.encode_special_tokens = True
             spec = json.loads(path.read_text())
         except Exception as e:  # tokenizers raises its own exception type
             raise ReftError(f"{path}: cannot be read as a tokenizer ({e})") from None
@@ -170,6 +172,11 @@ class Vocab:
 
     def encode(self, text: str, add_special: bool) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """``text`` as plain characters: special-token text in it is not a control token
+        (message content; llama.cpp's ``parse_special=False``)."""
+        return self.plain.encode(text, add_special_tokens=False).ids
 
 
 def token_bytes(spec: dict) -> list[bytes]:
