@@ -149,7 +149,7 @@ def open_regular(path: str | os.PathLike[str], *, nofollow: bool = False) -> int
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})")
+            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(st.st_mode)})")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
     except BaseException:
@@ -158,7 +158,7 @@ def open_regular(path: str | os.PathLike[str], *, nofollow: bool = False) -> int
     return fd
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
                        (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
         if test(mode):

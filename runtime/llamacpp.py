@@ -25,7 +25,7 @@ from edge_reft.models import default_model
 from . import llama_native as N
 from .edits import PatchSet
 from .engine import EngineBase
-from .gate import make_hook, plan_jobs
+from .gate import EvalHook, NativeHook, make_hook, plan_jobs
 
 
 def ubatches(n: int, size: int) -> list[tuple[int, int]]:
@@ -83,7 +83,8 @@ class LlamaCppEngine(EngineBase):
 
     def runtime_notes(self) -> str:
         """What the runtime chose, for ``run -v``: repacking, contexts, gate."""
-        gate = {"NativeHook": "native (C)", "EvalHook": "Python"}.get(type(self.hook).__name__, "none")
+        gate = ("native (C)" if isinstance(self.hook, NativeHook) else
+                "Python" if isinstance(self.hook, EvalHook) else "none")
         ctxs = "two contexts (edits / plain decode)" if self.native.split else "one context"
         return f"{self.native.model.repack_note}; {ctxs}; gate: {gate}"
 
@@ -120,9 +121,11 @@ class LlamaCppEngine(EngineBase):
             raise ReftError("this engine was created with patches=False; it cannot apply a patch")
         toks = np.asarray(tokens, dtype=np.int32)
         n, rows = len(toks), []
+        bounds = ubatches(n, self.n_ubatch)
+        plans = [pset.chunk_edits(start + a, b - a, n_prompt) if pset else {} for a, b in bounds]
         # every ubatch of one call runs in one context: moving mid-prompt would only add copies
-        edit = bool(pset) and (pset.edits_generated or bool(pset.chunk_edits(start, n, n_prompt)))
-        for a, b in ubatches(n, self.n_ubatch):
+        edit = any(plans)
+        for (a, b), plan in zip(bounds, plans):
             chunk = toks[a:b]
             m = len(chunk)
             outputs = np.zeros(m, dtype=np.int8)
@@ -131,8 +134,7 @@ class LlamaCppEngine(EngineBase):
             elif a + m == n:
                 outputs[-1] = 1
             if edit:
-                self.hook.prepare(plan_jobs(pset.chunk_edits(start + a, m, n_prompt), m,
-                                            np.flatnonzero(outputs), self.base.n_layer - 1))
+                self.hook.prepare(plan_jobs(plan, m, np.flatnonzero(outputs), self.base.n_layer - 1))
             try:
                 self.native.decode(chunk, start + a, outputs, edit=edit)
             finally:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from edge_reft.errors import PatchMismatchError, ReftError, ReftFormatError
+from edge_reft.files import file_kind
 from edge_reft.patch import BaseModel, Patch
 from edge_reft.reftfile import load_patch
 from edge_reft.spec import PATCH_NAME, PATCH_SUFFIX
@@ -83,10 +84,8 @@ class PatchStore:
         except OSError as e:
             raise PatchUnreadable(f"patch {name!r}: cannot be opened ({e.strerror})") from None
         if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) \
-                else "a device or socket"
-            raise PatchUnreadable(f"patch {name!r}: {name}{PATCH_SUFFIX} is {kind}, expected a regular "
-                                  "file")
+            raise PatchUnreadable(f"patch {name!r}: {name}{PATCH_SUFFIX} is {file_kind(st.st_mode)}, "
+                                  "expected a regular file")
         return path, (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def _cached(self, name: str, stamp: Stamp) -> Patch | None:
