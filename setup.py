@@ -1,6 +1,6 @@
 """Only the native gate lives here; everything else is in pyproject.toml.
 
-runtime/gate.c is llama.cpp's eval callback in C (portable C99: gcc, clang,
+runtime/llamacpp/gate.c is llama.cpp's eval callback in C (portable C99: gcc, clang,
 MSVC).  It is optional: without a working C compiler the package still
 installs, says so in one line, and the runtime falls back to the Python
 callback (slower per token, same results).
@@ -24,5 +24,5 @@ class GateBuild(build_ext):
                   "will use the Python gate (same results, slower per token)", file=sys.stderr)
 
 
-setup(ext_modules=[Extension("edge_reft.runtime._gate", ["runtime/gate.c"], optional=True)],
+setup(ext_modules=[Extension("edge_reft.runtime.llamacpp._gate", ["runtime/llamacpp/gate.c"], optional=True)],
       cmdclass={"build_ext": GateBuild})

@@ -50,7 +50,7 @@ def builder_graph(model: str) -> str:
     """The builder's own int4 graph, without patch inputs (built once)."""
     from edge_reft.converters.onnx_export import run_builder
     from edge_reft.fingerprint import from_gguf
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     from edge_reft.models import cache_dir
     out = cache_dir() / "onnx" / "bench-builder-int4"
     if not (out / "model.onnx").exists():
@@ -98,8 +98,7 @@ class Lane:
     swapped in around each call (one session, so no two thread pools fight)."""
 
     def __init__(self, engine, pset):
-        from edge_reft.runtime.onnx_backend import KVCache
-        self.e, self.pset, self.kv, self.key, self.n = engine, pset, KVCache(engine, 1, engine.n_ctx), None, 0
+        self.e, self.pset, self.kv, self.key, self.n = engine, pset, engine.new_kv(1, engine.n_ctx), None, 0
 
     def forward(self, toks: list[int], start: int, n_prompt: int) -> float:
         e = self.e

@@ -144,7 +144,7 @@ def main() -> None:
     a = ap.parse_args()
     from edge_reft.models import default_model
     from edge_reft.runtime import Engine
-    from edge_reft.runtime.gate import load_gate
+    from edge_reft.runtime.llamacpp.gate import load_gate
     model = a.model or str(default_model())
     # with no layer on a GPU, keep every op on the CPU (llama.cpp would ship big batches to one)
     kw = dict(n_ctx=512, n_ubatch=512, n_threads=a.threads, n_gpu_layers=a.ngl, op_offload=a.ngl > 0)

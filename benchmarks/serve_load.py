@@ -61,7 +61,7 @@ def main() -> None:
     from edge_reft.patch import random_patch
     from edge_reft.reftfile import save_patch
     from edge_reft.runtime import Engine
-    from edge_reft.runtime.server import running_server
+    from edge_reft.services.serve.server import running_server
 
     model = str(default_model())
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))

@@ -30,7 +30,7 @@ def score(patch_path: str | None, records: Sequence[dict], model: str | None = N
 
 def score_torch(model: Any, prompter, patch, records: Sequence[dict]) -> float:
     import torch
-    from edge_reft.hf import reference_logits
+    from edge_reft.train.hf import reference_logits
     neg, pos = _label_ids(prompter)
     hits = 0
     with torch.no_grad():

@@ -79,8 +79,9 @@ def main() -> None:
     import torch
     from sst2_scoring import score, score_torch
 
-    from edge_reft.dataset import encode, prompter_for, read_jsonl
-    from edge_reft.hf import hf_dir
+    from edge_reft.dataset import encode, read_jsonl
+    from edge_reft.runtime import prompter_for
+    from edge_reft.train.hf import hf_dir
     from edge_reft.models import default_model
     from edge_reft.tasks import arithmetic_records, sst2_records, write_jsonl
     from edge_reft.train import TrainConfig, load_backbone, train
@@ -125,7 +126,7 @@ def main() -> None:
     out = tmp / "arithmetic.reft"
     train(model_path, arith_train, out, TrainConfig(layers=(12, 18), rank=4, positions="l1", epochs=2,
                                                     batch_size=a.batch_size), backbone=bb, progress=False)
-    from edge_reft.evaluate import evaluate_patch
+    from edge_reft.services.evaluate import evaluate_patch
     from edge_reft.reftfile import load_patch
     before, after = evaluate_patch(model_path, None, arith_test), evaluate_patch(model_path, load_patch(out), arith_test)
     print(table(["arithmetic, bare-number replies (100 test)", "exact match", "first token"],

@@ -68,7 +68,8 @@ def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs
            out: str) -> dict:
     import numpy as np
     import torch
-    from edge_reft.dataset import encode, prompter_for, read_jsonl
+    from edge_reft.dataset import encode, read_jsonl
+    from edge_reft.runtime import prompter_for
     from edge_reft.models import default_model
     from edge_reft.reftfile import save_patch
     from edge_reft.train import TrainConfig, Trainer, load_backbone

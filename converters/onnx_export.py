@@ -2,7 +2,7 @@
 
     export_onnx("model.gguf", "onnx_dir", precision="int4", layers=[8, 15, 22])
 
-1. a GGUF becomes an HF folder (``edge_reft.hf.hf_dir``, cached);
+1. a GGUF becomes an HF folder (``edge_reft.train.hf.hf_dir``, cached);
 2. onnxruntime-genai's model builder writes its fused graph (int4: MatMulNBits);
 3. at every chosen block L, the fused norm that reads the residual stream
    after block L (``a + b``: block L+1's input norm, or the final norm) goes
@@ -39,7 +39,7 @@ from edge_reft.errors import BackendError, ReftError
 from edge_reft.files import atomic_dir, sha256_file
 from edge_reft.outputs import check_output
 from edge_reft.fingerprint import from_gguf, from_hf_dir
-from edge_reft.runtime.onnx_model import FORMAT, MANIFEST, VERSION
+from edge_reft.runtime.onnx.native import FORMAT, MANIFEST, VERSION
 
 PRECISIONS = ("int4", "int8", "fp32")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -60,9 +60,7 @@ def _digest(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(f"{p.name}\n".encode())
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        sha256_file(p, into=h)
     return h.hexdigest()
 
 
@@ -114,7 +112,7 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
             hf = src
         else:
             _say("[1/4] GGUF -> HF folder (dequantized, cached)")
-            from edge_reft.hf import hf_dir
+            from edge_reft.train.hf import hf_dir
             hf = hf_dir(src)
         _say(f"[2/4] onnxruntime-genai builder, {precision}")
         run_builder(hf, tmp, precision, model.n_layer)
@@ -280,7 +278,7 @@ def _slice_logits(g, helper, TensorProto) -> None:
 
 def _smoke_test(folder: Path) -> None:
     """Open the export with the runtime and run two tokens with zero patches."""
-    from edge_reft.runtime.onnx_backend import OnnxEngine
+    from edge_reft.runtime.onnx.engine import OnnxEngine
     with OnnxEngine(folder, n_ctx=8, n_threads=1) as e:
         out = e.logits([1, 2])
         if out.shape != (2, e.vocab_size) or not (out == out).all():

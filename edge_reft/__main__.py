@@ -1,5 +1,5 @@
 import sys
 
-from edge_reft.cli import main
+from edge_reft.services.cli import main
 
 sys.exit(main())

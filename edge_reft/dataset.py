@@ -4,7 +4,8 @@ Each line is ``{"prompt": str, "response": str}`` or ``{"messages": [...]}``
 whose last message is the assistant's reply.  The prompt goes through the
 model's chat template (``edge_reft.chat.Prompter``, the runtime's own code);
 the target is the reply as the template writes it, up to and including the
-end-of-turn token.  For a GGUF base the tokenizer is llama.cpp's own.
+end-of-turn token.  The Prompter of a base model comes from
+``edge_reft.runtime.prompter_for`` (for a GGUF, llama.cpp's own tokenizer).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .chat import ChatTemplate, Prompter
+from .chat import Prompter
 from .errors import ReftError
-from .files import open_regular, sha256_file
+from .files import open_regular
 
 
 @dataclass(frozen=True)
@@ -27,31 +28,6 @@ class Example:
     @property
     def tokens(self) -> tuple[int, ...]:
         return self.prompt + self.target
-
-
-def prompter_for(base: str | os.PathLike[str]) -> tuple[Prompter, object]:
-    """The Prompter of a base model (llama.cpp's tokenizer for a GGUF; tokenizers for an HF
-    folder) and a closer for native resources."""
-    path = Path(base)
-    if path.is_file():
-        from .runtime.llama_native import Vocab
-        vocab = Vocab.load(path)
-        try:
-            template = ChatTemplate.from_gguf(path)
-        except ReftError:
-            template = None
-        return Prompter(template, vocab.tokenize, vocab.is_eog,
-                        lambda text: vocab.tokenize(text, False, parse_special=False)), vocab.close
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    specials = {t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]
-                if t.get("special")}
-    try:
-        template = ChatTemplate.from_hf_dir(path)
-    except ReftError:
-        template = None
-    return Prompter(template, lambda text, add: tok.encode(text, add_special_tokens=add).ids,
-                    specials.__contains__), (lambda: None)
 
 
 def jsonl_lines(path: str | os.PathLike[str]) -> list[str]:
@@ -107,6 +83,3 @@ def encode(records: Sequence[tuple[list[dict], str]], prompter: Prompter, max_le
         examples.append(Example(tuple(prompt), tuple(target)))
     return examples
 
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    return sha256_file(path)

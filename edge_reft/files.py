@@ -18,7 +18,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from .errors import ReftError
 
@@ -166,9 +166,10 @@ def file_kind(mode: int) -> str:
     return "not a plain file"
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in blocks (regular files only)."""
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike[str], into: Any = None) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (regular files only); with ``into``
+    (a hashlib object) the bytes extend that running hash and its hex digest is returned."""
+    h = hashlib.sha256() if into is None else into
     with os.fdopen(open_regular(path), "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)

@@ -19,7 +19,6 @@ import os
 import re
 import stat
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

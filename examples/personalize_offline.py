@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from edge_reft.evaluate import evaluate_patch
+from edge_reft.services.evaluate import evaluate_patch
 from edge_reft.models import default_model
 from edge_reft.runtime import Engine
 from edge_reft.tasks import arithmetic_records, write_jsonl

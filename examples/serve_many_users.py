@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from edge_reft.models import default_model
-from edge_reft.runtime.server import running_server
+from edge_reft.services.serve.server import running_server
 from edge_reft.tasks import arithmetic_records, boolq_records, sst2_records, write_jsonl
 from edge_reft.train import TrainConfig, load_backbone, train
 

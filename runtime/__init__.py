@@ -1,34 +1,59 @@
-"""Backends that apply patches while generating: llama.cpp and ONNX Runtime.
+"""Layer 1, the generating backends: apply patches while generating, with llama.cpp or
+ONNX Runtime.
+
+Imports: edge_reft
 
     Engine(model)                      # a .gguf file: llama.cpp
     Engine(onnx_dir, backend="onnx")   # a folder from `edge-reft export-onnx`
 
-Both share ``EngineBase``: the same ``generate``/``logits`` semantics, chat
-template, position rules, KV-cache rule and sampling.
+Shared by every backend (this folder): ``engine`` (the one generate loop, the KV-cache
+rule, patch binding), ``edits`` (patches compiled for a runtime), ``sampling``,
+``textstream``, ``kvstates``, and ``backends``, the table that names each backend.
+One folder per backend, the same files in each: ``engine.py`` (its ``EngineBase``
+subclass: the four primitives) and ``native.py`` (the thin layer over its library).
+This package never imports a backend folder by name; the table imports one when a
+model is opened.  Nothing here imports torch.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import Completion, EngineBase, Generation
-from .edits import PatchSet
+if TYPE_CHECKING:
+    from edge_reft.chat import Prompter
 
-BACKENDS = ("llama.cpp", "onnx")
+    from .engine import EngineBase
 
-
-def Engine(model: str | os.PathLike[str] | None = None, backend: str | None = None, **options: Any) -> EngineBase:
-    """Open ``model`` with a backend: "llama.cpp" (a .gguf; the default) or "onnx" (a folder)."""
-    if backend is None:
-        backend = "onnx" if model is not None and os.path.isdir(model) else "llama.cpp"
-    if backend in ("llama.cpp", "llamacpp"):
-        from .llamacpp import LlamaCppEngine
-        return LlamaCppEngine(model, **options)
-    if backend == "onnx":
-        from .onnx_backend import OnnxEngine
-        return OnnxEngine(model, **options)
-    from edge_reft.errors import ReftError
-    raise ReftError(f"backend: {backend!r}, expected one of {BACKENDS}")
+# Names served lazily: the CLI imports ``backends`` to build its flags, and must not pay
+# for numpy and the generate loop before it parses them.
+_HOMES = {"BACKENDS": "backends", "NAMES": "backends", "PatchSet": "edits",
+          "Completion": "engine", "EngineBase": "engine", "Generation": "engine"}
 
 
-__all__ = ["Engine", "EngineBase", "Completion", "Generation", "PatchSet", "BACKENDS"]
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def Engine(model: str | os.PathLike[str], backend: str | None = None, **options: Any) -> EngineBase:
+    """Open ``model`` with a backend: "llama.cpp" (a .gguf; the default for a file) or "onnx"
+    (a folder made by ``edge-reft export-onnx``); ``options`` are the engine's keywords."""
+    from .backends import open_engine
+    return open_engine(model, backend, **options)
+
+
+def prompter_for(base: str | os.PathLike[str]) -> tuple[Prompter, Any]:
+    """The Prompter of a base model, with the tokenizer the runtime uses for it (llama.cpp's
+    for a GGUF file; the folder's tokenizer.json otherwise), and a closer for native resources."""
+    from .backends import backend_for
+    row = backend_for(base)
+    if row.folder:
+        from edge_reft.hftokenizer import HFTokenizer
+        return HFTokenizer(base).prompter(), (lambda: None)
+    return row.engine_class().vocab_prompter(base)
+
+
+__all__ = ["Engine", "EngineBase", "Completion", "Generation", "PatchSet", "BACKENDS", "NAMES",
+           "prompter_for"]

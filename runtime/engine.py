@@ -76,6 +76,33 @@ class Generation:
         return self.result
 
 
+class Reply:
+    """One sequence's decoding: sampling, end of turn, stop strings, the finish reason.  The
+    generate loop (``EngineBase._run``) and a backend's batched loop both step through it,
+    so every row of a batch ends exactly as a single generation would."""
+
+    def __init__(self, engine: "EngineBase", sampling: SamplingParams, stop: Sequence[str]):
+        self.engine, self.sampler, self.text = engine, Sampler(sampling), TextStream(stop)
+        self.tokens: list[int] = []
+        self.finish, self.done = "length", False
+
+    def step(self, logits: np.ndarray) -> tuple[int, str]:
+        """Sample the next token from ``logits``: (the token, its text piece); ``done`` is then
+        set if the reply ended (an end-of-generation token, which is not kept, or a stop string)."""
+        tok = self.sampler(logits)
+        if self.engine._is_eog(tok):
+            self.finish, self.done = "stop", True
+            return tok, ""
+        self.tokens.append(tok)
+        piece = self.text.feed(self.engine._piece(tok))
+        if self.text.stopped:
+            self.finish, self.done = "stop", True
+        return tok, piece
+
+    def completion(self, prompt: list[int], prefill_s: float, decode_s: float, reused: int) -> Completion:
+        return Completion(self.text.text, self.tokens, prompt, self.finish, prefill_s, decode_s, reused)
+
+
 # A reused prompt is never resumed with a single token: llama.cpp's CPU attention takes
 # another kernel for a one-token batch (ggml_vec_dot instead of llamafile's sgemm, which
 # needs n >= 2), whose rounding differs (max |logit difference| 0.39 measured on SmolLM2
@@ -145,6 +172,10 @@ class EngineBase:
     def close(self) -> None:
         pass
 
+    def runtime_notes(self) -> str:
+        """What the backend chose for this machine, in one line (``run -v``)."""
+        return ""
+
     def __enter__(self) -> "EngineBase":
         return self
 
@@ -166,29 +197,26 @@ class EngineBase:
                 self._active = None
 
     # ---- patches ---------------------------------------------------------------------
-    def load_patch(self, path: str | os.PathLike[str], allow_mismatch: bool = False) -> Patch:
-        """Load and validate a patch for this model (cached while the file is unchanged)."""
+    def load_patch(self, path: str | os.PathLike[str]) -> Patch:
+        """Load and validate a patch file (read once while unchanged).  Its fit to this model
+        is checked where it binds to it: ``patch_set``, which ``generate`` calls."""
         st = os.stat(path)
         k = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
         p = self._patch_cache.get(k)
         if p is None:
-            p = load_patch(path, model=self.base, allow_mismatch=allow_mismatch)
+            p = load_patch(path)
             if len(self._patch_cache) > 256:
                 self._patch_cache.clear()
             self._patch_cache[k] = p
         return p
 
     def patch_set(self, patch: PatchLike | Sequence[PatchLike], allow_mismatch: bool = False) -> PatchSet:
-        """One patch, a path, or a list of them (applied in order), bound to this model."""
+        """One patch, a path, or a list of them (applied in order), bound to this model: the
+        one place a patch's base model and layers are checked against the model in hand."""
         if isinstance(patch, PatchSet):
             return patch
         items = [] if patch is None else list(patch) if isinstance(patch, (list, tuple)) else [patch]
-        patches = [p if isinstance(p, Patch) else self.load_patch(p, allow_mismatch) for p in items]
-        for p in patches:
-            bad = [iv.layer for iv in p.interventions if iv.layer >= self.base.n_layer]
-            if bad:
-                raise ReftError(f"{p.source}: layer {bad[0]} does not exist in this model "
-                                f"({self.base.n_layer} layers)")
+        patches = [p if isinstance(p, Patch) else self.load_patch(p) for p in items]
         return PatchSet(patches, self.base, allow_mismatch) if patches else EMPTY
 
     # ---- prompts ---------------------------------------------------------------------
@@ -237,31 +265,25 @@ class EngineBase:
             logits = self._forward(toks[reused:], reused, n_prompt, pset)
             self._cache = _Cache(pset, list(toks), n_prompt)
             t1 = time.perf_counter()
-            sampler, text, out, finish = Sampler(sampling), TextStream(stop), [], "length"
+            reply = Reply(self, sampling, stop)
             try:
                 for i in range(max_tokens):
-                    tok = sampler(logits[-1])
-                    if self._is_eog(tok):
-                        finish = "stop"
-                        break
-                    out.append(tok)
-                    piece = text.feed(self._piece(tok))
+                    tok, piece = reply.step(logits[-1])
                     if piece:
                         yield piece
-                    if text.stopped:
-                        finish = "stop"
+                    if reply.done:
                         break
                     if i + 1 < max_tokens:
                         logits = self._forward([tok], n_prompt + i, n_prompt, pset)
                         self._cache.tokens.append(tok)
-                tail = text.close()
+                tail = reply.text.close()
                 if tail:
                     yield tail
             except GeneratorExit:
-                finish = "cancelled"
+                reply.finish = "cancelled"
                 raise
             finally:
-                gen.result = Completion(text.text, out, toks, finish, t1 - t0, time.perf_counter() - t1, reused)
+                gen.result = reply.completion(toks, t1 - t0, time.perf_counter() - t1, reused)
 
     def holds_state(self, key: str) -> bool:
         """Whether this engine holds KV state computed under the PatchSet ``key`` ("" for

@@ -39,7 +39,7 @@ def hf_smol(smol_q4):
     """The torch reference: SmolLM2 in transformers, float32, the same dequantized weights."""
     import torch
     from transformers import AutoModelForCausalLM
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(hf_dir(smol_q4), dtype=torch.float32)
     return model.eval()

@@ -26,7 +26,7 @@ def test_help_and_unknown_verb():
 
 NO_TORCH = """
 import sys
-from edge_reft.cli import main
+from edge_reft.services.cli import main
 rc = main(sys.argv[1:])
 bad = sorted(m for m in ("torch", "transformers", "gguf") if m in sys.modules)
 print("IMPORTED:" + ",".join(bad))
@@ -94,3 +94,17 @@ def test_run_refuses_a_patch_for_another_model(tmp_path):
 def test_chat_keeps_the_conversation():
     r = cli("run", "--chat", "-n", "8", stdin="Hello!\nWhat did I just say?\n\n")
     assert r.returncode == 0 and r.stdout.count("\n") >= 2
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--providers", "CUDAExecutionProvider"], "--providers (a onnx option)"),
+    (["--backend", "onnx", "--ngl", "99"], "--ngl (a llama.cpp option)"),
+])
+def test_a_backend_flag_the_chosen_backend_lacks_is_refused(args, named, smol_q4, tmp_path):
+    """The flags come from the backend table; one for another backend is an error, never ignored."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    model = str(folder) if "onnx" in args else str(smol_q4)
+    r = cli("run", model, "-p", "Hi", "-n", "2", *args)
+    assert r.returncode != 0 and named in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

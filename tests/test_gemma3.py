@@ -76,7 +76,7 @@ def test_parity_with_torch_reference(gemma3_q4, spec, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
     from edge_reft.dequantize import dequantize_gguf
-    from edge_reft.hf import hf_dir, reference_logits
+    from edge_reft.train.hf import hf_dir, reference_logits
     from edge_reft.models import cache_dir
     f32 = cache_dir() / "models" / "gemma-3-270m-dequantized.F32.gguf"
     if not f32.exists():
@@ -101,7 +101,7 @@ def test_gguf_backbone_is_the_file_bit_for_bit(gemma3_q4):
     computes exactly what transformers computes on the file dequantized."""
     import torch
     from transformers import AutoModelForCausalLM
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     from edge_reft.train.backbone import load_gguf_backbone
     bb = load_gguf_backbone(gemma3_q4)
     ref = AutoModelForCausalLM.from_pretrained(hf_dir(gemma3_q4), dtype=torch.float32).eval()

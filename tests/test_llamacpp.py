@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_reft.errors import BackendError, PatchMismatchError, ReftError
-from edge_reft.hf import reference_greedy, reference_logits
+from edge_reft.train.hf import reference_greedy, reference_logits
 from edge_reft.patch import BaseModel, identity, random_patch
 from edge_reft.runtime import Engine
 from edge_reft.runtime.edits import EMPTY
@@ -146,7 +146,7 @@ def test_patch_for_another_model_is_refused(engine_q4):
 def test_errors_inside_the_callback_reach_the_caller(engines_q4, gate, monkeypatch):
     """A job that does not match the tensor llama.cpp hands over is refused (nothing
     written), reported after llama_decode, and the engine stays usable."""
-    from edge_reft.runtime import llamacpp
+    from edge_reft.runtime.llamacpp import engine as llamacpp
     engine = engines_q4[gate]
     real = llamacpp.plan_jobs
 

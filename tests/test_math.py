@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_reft import loreft, loreft_torch
+from edge_reft import loreft
+from edge_reft.train import loreft_torch
 
 
 def _case(rank: int, d: int, n: int, seed: int):

@@ -65,7 +65,7 @@ PARITY = [  # two blocks each; the second case stacks two interventions on one b
 
 @pytest.mark.parametrize("spec", PARITY, ids=lambda s: "+".join(f"{L}:{p}" for L, p, _ in s))
 def test_fp32_parity_with_torch_reference(onnx_fp32, hf_smol, spec):
-    from edge_reft.hf import reference_greedy, reference_logits
+    from edge_reft.train.hf import reference_greedy, reference_logits
     patch = random_patch(onnx_fp32.base, spec, scale=4.0, seed=len(spec) + spec[0][0])
     toks = onnx_fp32.prompt_tokens(PROMPT)
     ref = reference_logits(hf_smol, toks, [patch])
@@ -79,7 +79,7 @@ def test_fp32_parity_with_torch_reference(onnx_fp32, hf_smol, spec):
 
 def agreement(engine, hf_smol) -> float:
     """Teacher-forced greedy agreement with the float32 torch reference, patched."""
-    from edge_reft.hf import reference_greedy
+    from edge_reft.train.hf import reference_greedy
     agree = total = 0
     for i, text in enumerate(PROMPTS):
         patch = random_patch(engine.base, [(15, "l1", 4), (22, "all", 4)], scale=2.0, seed=i)
@@ -243,7 +243,7 @@ class NoTorch:
         if name.split(".")[0] in ("torch", "transformers", "onnx"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, NoTorch())
-from edge_reft.cli import main
+from edge_reft.services.cli import main
 from edge_reft.runtime import Engine
 folder, patch = sys.argv[1], sys.argv[2]
 rc = main(["run", folder, "--backend", "onnx", "--patch", patch, "-p", "Name a fruit.", "-n", "8", "--json"])

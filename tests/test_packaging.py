@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHECK = """
 import json, sys, edge_reft, edge_reft.runtime, edge_reft.converters
-from edge_reft.runtime.gate import load_gate
+from edge_reft.runtime.llamacpp.gate import load_gate
 print(json.dumps({"core": edge_reft.__file__, "runtime": edge_reft.runtime.__file__,
                   "converters": edge_reft.converters.__file__, "gate": load_gate() is not None,
                   "torch": "torch" in sys.modules}))

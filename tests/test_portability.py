@@ -17,7 +17,8 @@ import pytest
 from edge_reft.errors import BackendError
 from edge_reft.patch import random_patch
 from edge_reft.runtime import Engine
-from edge_reft.runtime.llama_native import REPACK_ENV, choose_repack, cpu_extra_bufts
+from edge_reft.runtime.llamacpp.native import cpu_extra_bufts
+from edge_reft.runtime.llamacpp.repack import REPACK_ENV, choose_repack
 from oracles import second_turn_cached_and_fresh, stepwise_logits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_split_decode_keeps_the_kv_rules(split_and_one):
 
 def test_runtime_spells_no_platform_library_name():
     pattern = re.compile(r"""["'][^"']*\.(so|dylib|dll)["']""")
-    hits = [f"{p.name}:{i}" for p in (ROOT / "runtime").glob("*.py")
+    hits = [f"{p.name}:{i}" for p in (ROOT / "runtime").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, f"platform library file names in the runtime: {hits}"
 
@@ -112,12 +113,12 @@ def _compilers() -> list[str]:
 
 @pytest.mark.parametrize("cc", _compilers())
 def test_gate_is_portable_c(cc, tmp_path):
-    """runtime/gate.c compiles as strict C99 with warnings as errors (gcc, and clang where
+    """runtime/llamacpp/gate.c compiles as strict C99 with warnings as errors (gcc, and clang where
     installed), and exports its entry points."""
     out = tmp_path / "gate.so"
     inc = sysconfig.get_paths()["include"]
     subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-fPIC", "-shared",
-                    "-fvisibility=hidden", f"-I{inc}", str(ROOT / "runtime" / "gate.c"), "-o", str(out)],
+                    "-fvisibility=hidden", f"-I{inc}", str(ROOT / "runtime" / "llamacpp" / "gate.c"), "-o", str(out)],
                    check=True, capture_output=True, text=True)
     import ctypes
     lib = ctypes.CDLL(str(out))
@@ -135,7 +136,7 @@ def test_install_without_a_compiler_falls_back_to_the_python_gate(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "the native gate was not built" in out.stdout + out.stderr
-    check = ("import json; from edge_reft.runtime.gate import load_gate, make_hook; "
+    check = ("import json; from edge_reft.runtime.llamacpp.gate import load_gate, make_hook; "
              "print(json.dumps([load_gate() is None, type(make_hook('auto', 8)).__name__]))")
     # -S: no .pth files, so the suite's own editable install (and its built gate) stays out of sight
     path = os.pathsep.join([str(target), *[p for p in sys.path if p]])

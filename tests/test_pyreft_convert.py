@@ -201,7 +201,7 @@ def test_storage_type_is_lossless(kind, dtype, smol_q4, tmp_path):
 
 
 def test_base_may_be_an_hf_folder(smol_q4, tmp_path):
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     save_pyreft(tmp_path / "c", [15])
     from_hf = convert(tmp_path / "c", hf_dir(smol_q4), tmp_path / "hf.reft", "l1")
     assert from_hf.base.fingerprint == base_model(smol_q4).fingerprint
@@ -472,7 +472,7 @@ def test_untied_windows_are_pyrefts_on_prompts_of_2N_tokens(positions):
 def pyreft_logits(model, tokens: list[int], edits: list[tuple[int, list[int], OrderedDict]]) -> np.ndarray:
     """Logits with pyreft's edits as pyvene applies them: a forward hook per intervention on
     block L (sorted_keys order) that scatters the edited positions into its output in place."""
-    from edge_reft.hf import decoder_layers
+    from edge_reft.train.hf import decoder_layers
     handles = []
     for layer, rows, state in edits:
         def hook(module, args, out, rows=rows, state=state):
@@ -495,7 +495,7 @@ EXACT = [  # kind, layers as pyreft lists them, positions, share_weights
 @pytest.mark.parametrize("kind,layers,positions,share", EXACT)
 def test_runtime_matches_the_pyreft_formula(kind, layers, positions, share, engines_f32, hf_smol,
                                             smol_q4, tmp_path):
-    from edge_reft.hf import reference_logits
+    from edge_reft.train.hf import reference_logits
     states = save_pyreft(tmp_path, layers, kind)
     patch = convert(tmp_path, smol_q4, tmp_path / "p.reft", positions, share)
     engine = engines_f32["native"]
@@ -511,7 +511,7 @@ def test_runtime_matches_the_pyreft_formula(kind, layers, positions, share, engi
 
 NO_TORCH = """
 import sys
-from edge_reft.cli import main
+from edge_reft.services.cli import main
 rc = main(sys.argv[1:])
 print("TORCH:", "torch" in sys.modules)
 sys.exit(rc)

@@ -32,7 +32,7 @@ def patch_dir(tmp_path_factory, engine_q4):
 @pytest.fixture(scope="module")
 def client(patch_dir, smol_q4):
     from fastapi.testclient import TestClient
-    from edge_reft.runtime.server import create_app
+    from edge_reft.services.serve.server import create_app
     with TestClient(create_app(str(smol_q4), patch_dir, workers=2, n_ctx=1024)) as c:
         yield c
 
@@ -128,7 +128,7 @@ def test_concurrent_requests_never_leak_patches(patch_dir, smol_q4, engine_q4):
     """A real server on 127.0.0.1: 8 clients, 4 patches + none, 40 requests; every answer
     equals the same request run alone."""
     import httpx
-    from edge_reft.runtime.server import running_server
+    from edge_reft.services.serve.server import running_server
     names = [None, "alice", "bob", "carol", "dave"]
     jobs = [(PROMPTS[i % 4], names[i % 5]) for i in range(40)]
     want = {(p, n): solo(engine_q4, p, patch_dir, n, 12) for p, n in set(jobs)}

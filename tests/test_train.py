@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_reft.dataset import encode, prompter_for, read_jsonl
+from edge_reft.dataset import encode, read_jsonl
+from edge_reft.runtime import prompter_for
 from edge_reft.errors import ReftError
 from edge_reft.fingerprint import from_gguf
 from edge_reft.reftfile import load_patch
@@ -209,7 +210,7 @@ def test_cli_ctrl_c_saves_and_resume_finishes(smol_q4, tmp_path):
 
 
 def test_hf_folder_trains_in_nf4_with_the_gguf_fingerprint(smol_q4, tmp_path):
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     from edge_reft.train import train
     folder = hf_dir(smol_q4)
     data = write_jsonl(sst2_records("train", 6), tmp_path / "sst6.jsonl")
@@ -227,7 +228,7 @@ def test_nf4_gradients_equal_the_dense_model_with_the_same_weights(smol_q4, exam
     backward and silently returns wrong gradients)."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    from edge_reft.hf import hf_dir
+    from edge_reft.train.hf import hf_dir
     from edge_reft.train.backbone import _dense_weight
     nf4 = load_backbone(hf_dir(smol_q4))
     dense = AutoModelForCausalLM.from_pretrained(hf_dir(smol_q4), dtype=torch.float32).eval()

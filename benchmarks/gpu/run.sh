@@ -49,7 +49,7 @@ job)
   build() {  # NAME CMAKE_ARGS: build llama-cpp-python into /tmp/site-NAME, then edge-reft next to it
     local name=$1 t0; t0=$(date +%s)
     cp -r /tmp/llama_cpp_python-0.3.36 /tmp/src-$name
-    mkdir -p /tmp/er-$name && cp -r "$REPO"/{edge_reft,runtime,converters,setup.py,pyproject.toml,README.md} /tmp/er-$name/
+    mkdir -p /tmp/er-$name && cp -r "$REPO"/{edge_reft,runtime,train,converters,services,setup.py,pyproject.toml,README.md} /tmp/er-$name/
     if CMAKE_ARGS="$2 -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 PYTHONPATH=$BASE \
         python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/site-$name \
         /tmp/src-$name > $JOB/build-$name.log 2>&1 &&
@@ -82,12 +82,12 @@ job)
   else cp .gpu/smol8.gguf /tmp/smol8.gguf; fi
   # tests run from a copy of the repository with PYTHONSAFEPATH, so that its folders never
   # shadow the installed edge_reft (whose runtime/ maps to edge_reft.runtime)
-  mkdir -p /tmp/run && cp -r "$REPO"/{edge_reft,runtime,converters,tests,benchmarks,setup.py,pyproject.toml,README.md} /tmp/run/
+  mkdir -p /tmp/run && cp -r "$REPO"/{edge_reft,runtime,train,converters,services,tests,benchmarks,setup.py,pyproject.toml,README.md} /tmp/run/
   cd /tmp/run && export PYTHONSAFEPATH=1
   echo; echo "===== amx: CPU-only build on this AMX host ====="
   [[ $BUILDS == *" cpu "* ]] && (
     export PYTHONPATH=/tmp/site-cpu:$BASE
-    python3 -c "from edge_reft.runtime.llama_native import cpu_extra_bufts, choose_repack as c
+    python3 -c "from edge_reft.runtime.llamacpp.native import cpu_extra_bufts, choose_repack as c
 print('extra buffer types:', cpu_extra_bufts()); print('auto ->', c('auto'))"
     EDGE_REFT_REPACK=on timeout 300 python3 -m edge_reft demo > $JOB/amx-forced.txt 2>&1
     echo "demo with EDGE_REFT_REPACK=on (AMX repack forced): exit $? (139 = SIGSEGV)"; tail -3 $JOB/amx-forced.txt

@@ -1,0 +1,45 @@
+"""``edge-reft convert pyreft DIR --base MODEL --positions P --out F`` and
+``edge-reft convert to-pyreft PATCH --out DIR``: pyreft checkpoints to `.reft` and back."""
+from __future__ import annotations
+
+import argparse
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-reft convert", description=__doc__)
+    sub = ap.add_subparsers(dest="source", required=True, metavar="{pyreft,to-pyreft}")
+    p = sub.add_parser("pyreft", help="a pyreft save folder (or trainer checkpoint) to a .reft patch")
+    p.add_argument("dir", help="folder with config.json and intkey_*.bin (or intervenable_model/)")
+    p.add_argument("--base", required=True, help="the base model: a .gguf (any quantization) or an HF folder")
+    p.add_argument("--positions", required=True,
+                   help="the --positions the checkpoint was trained with: l1, f1+l1, f3+l3, ... "
+                        "(pyreft does not save them)")
+    p.add_argument("--share-weights", action="store_true",
+                   help="it was trained with --share_weights (one intervention per layer for f<N>+l<M>)")
+    p.add_argument("--type", choices=["loreft", "noreft"], default=None,
+                   help="the intervention class, needed only for NoReFT without config.json")
+    p.add_argument("--out", required=True, help="the .reft file to write")
+    p.add_argument("--name", default="", help="patch name (default: the folder's name)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
+    r = sub.add_parser("to-pyreft", help="a .reft patch to a pyreft save folder (needs torch)")
+    r.add_argument("patch", help="a .reft file")
+    r.add_argument("--out", required=True, help="a new folder for config.json and intkey_*.bin")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    from edge_reft.converters import pyreft
+
+    if a.source == "pyreft":
+        from edge_reft.services.cli.inspect import format_patch
+        patch = pyreft.convert(a.dir, a.base, a.out, a.positions, a.share_weights, name=a.name,
+                               intervention_type=a.type, force=a.force)
+        print(format_patch(patch))
+        return 0
+    from edge_reft.reftfile import load_patch
+    patch = load_patch(a.patch)
+    positions, share_weights = pyreft.to_pyreft(patch, a.out)
+    print(f"wrote {a.out}: {len(patch.interventions)} interventions (pyvene 0.1.8 layout); "
+          f"load them with positions={positions!r}, share_weights={share_weights}")
+    return 0

@@ -1,0 +1,164 @@
+"""Patches by name from one folder: validated and bound to the model once, kept in a bounded
+LRU, reloaded on change.
+
+A name is a plain file stem (``alice`` -> ``DIR/alice.reft``): no separators,
+no leading dot, nothing outside DIR (symlinks included), and only a regular
+file (a FIFO, device or folder named ``x.reft`` is refused without opening it
+in a blocking way).  Each lookup stats the file; a changed file (size, mtime or
+inode) is validated again before it is served.  Failures are cached too, under
+the same stamp, so a client naming a large invalid patch again and again costs
+one validation, and concurrent lookups of one name wait for a single load.
+Errors name the patch (``alice.reft``), never the server's folder.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from edge_reft.errors import PatchMismatchError, ReftError, ReftFormatError
+from edge_reft.files import file_kind
+from edge_reft.patch import Patch
+from edge_reft.reftfile import load_patch
+from edge_reft.runtime import PatchSet
+from edge_reft.spec import PATCH_NAME, PATCH_SUFFIX
+
+NAME = re.compile(PATCH_NAME)
+Stamp = tuple[int, int, int]
+
+
+class PatchNameError(ReftError):
+    """The name is not a plain patch name (traversal, absolute path, separators)."""
+
+
+class PatchNotFound(ReftError):
+    """No such patch in the folder (or none this client may use)."""
+
+
+class PatchOutsideFolder(ReftError):
+    """The name resolves (through a symlink) outside the patch folder."""
+
+
+class PatchUnreadable(ReftError):
+    """The name is a FIFO, a device, a folder, a symlink loop: not a patch file."""
+
+
+class PatchStore:
+    """``bind`` turns a loaded patch into the PatchSet requests run with (an engine's
+    ``patch_set``: the base-model check, a backend's own checks, the compiled edits), once
+    per file version; engines of one model share the result."""
+
+    def __init__(self, folder: str | os.PathLike[str], bind: Callable[[Patch], PatchSet], capacity: int = 256):
+        self.folder = Path(folder).resolve()
+        if not self.folder.is_dir():
+            raise ReftError(f"{folder}: not a folder of patches")
+        self.bind, self.capacity = bind, capacity
+        self._items: OrderedDict[str, tuple[Stamp, PatchSet | ReftError]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.loads = 0  # validations done (for tests and /health)
+
+    def path(self, name: str) -> Path:
+        """The real path of patch ``name``, inside the folder; refuses anything else."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise PatchNameError(f"patch {name!r:.80}: expected a plain name (letters, digits, '_', "
+                                 "'-', '.'), not a path")
+        p = self.folder / f"{name}{PATCH_SUFFIX}"
+        try:
+            real = Path(os.path.realpath(p, strict=True))
+        except FileNotFoundError:
+            raise PatchNotFound(f"patch {name!r}: no such patch") from None
+        except OSError as e:  # ELOOP, EACCES, ENOTDIR: not something a client can fix by retrying
+            why = "a symlink loop" if e.errno == errno.ELOOP else (e.strerror or "cannot be resolved")
+            raise PatchUnreadable(f"patch {name!r}: {name}{PATCH_SUFFIX} cannot be opened ({why})") from None
+        if real.parent != self.folder and self.folder not in real.parents:
+            raise PatchOutsideFolder(f"patch {name!r}: resolves outside the patch folder")
+        return real
+
+    def _stat(self, name: str) -> tuple[Path, Stamp]:
+        path = self.path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            with self._lock:
+                self._items.pop(name, None)
+            raise PatchNotFound(f"patch {name!r}: no such patch") from None
+        except OSError as e:
+            raise PatchUnreadable(f"patch {name!r}: cannot be opened ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise PatchUnreadable(f"patch {name!r}: {name}{PATCH_SUFFIX} is {file_kind(st.st_mode)}, "
+                                  "expected a regular file")
+        return path, (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def _cached(self, name: str, stamp: Stamp) -> PatchSet | None:
+        with self._lock:
+            hit = self._items.get(name)
+            if hit is None or hit[0] != stamp:
+                return None
+            self._items.move_to_end(name)
+        if isinstance(hit[1], ReftError):
+            raise hit[1].with_traceback(None)  # a fresh traceback: a cached error must not grow one
+        return hit[1]
+
+    def get(self, name: str) -> PatchSet:
+        """The patch ``name``, validated and bound (blocking: call it off the event loop)."""
+        path, stamp = self._stat(name)
+        hit = self._cached(name, stamp)
+        if hit is not None:
+            return hit
+        with self._lock:
+            gate = self._loading.setdefault(name, threading.Lock())
+        with gate:  # one load per name at a time; the others find its result
+            path, stamp = self._stat(name)
+            hit = self._cached(name, stamp)
+            if hit is not None:
+                return hit
+            try:
+                result: PatchSet | ReftError = self.bind(load_patch(path))
+            except ReftError as e:
+                result = _named(e, path, name)
+            with self._lock:
+                self.loads += 1
+                self._items[name] = (stamp, result)
+                self._items.move_to_end(name)
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+                self._loading.pop(name, None)
+        if isinstance(result, ReftError):
+            raise result.with_traceback(None)
+        return result
+
+    def names(self, allowed=None) -> list[str]:
+        """Names a client may ask for: regular ``.reft`` files that resolve inside the folder
+        (no symlink out of it, no FIFO), filtered by ``allowed(name)`` when given."""
+        out = []
+        with os.scandir(self.folder) as it:
+            for entry in it:
+                name = entry.name[:-len(PATCH_SUFFIX)]
+                if not entry.name.endswith(PATCH_SUFFIX) or not NAME.match(name):
+                    continue
+                if allowed is not None and not allowed(name):
+                    continue
+                try:
+                    self._stat(name)
+                except ReftError:
+                    continue
+                out.append(name)
+        return sorted(out)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _named(e: ReftError, path: Path, name: str) -> ReftError:
+    """``e`` with the server's path of the file replaced by the patch's file name."""
+    shown = f"{name}{PATCH_SUFFIX}"
+    if isinstance(e, ReftFormatError):
+        return ReftFormatError(shown, [q.replace(str(path), shown) for q in e.problems])
+    cls = type(e) if isinstance(e, PatchMismatchError) else ReftError
+    return cls(str(e).replace(str(path), shown))

@@ -1,0 +1,317 @@
+"""An OpenAI-compatible HTTP server with a patch per request (FastAPI + uvicorn).
+
+Concurrency: a pool of engines (one llama.cpp context each, the model file
+mapped once by the OS).  A request takes a free engine for its whole
+generation and gives it back after, so it never shares a context with
+another request.  An engine reuses KV state only under the exact rule: for
+the same patch (its content hash) up to the first position whose edit
+differs; for another patch only positions neither patch edits (what no patch
+computes).  Each engine also keeps the state last computed under each patch
+(runtime/kvstates.py) and the pool sends a request to an engine holding
+state for its patch when it can (bounded unfairness), so reuse survives
+many users.  llama.cpp runs with the GIL released, so engines work in
+parallel threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from edge_reft.errors import PatchMismatchError, ReftError, ReftFormatError
+
+from starlette.requests import Request  # module level, as the bodies: FastAPI resolves annotations here
+
+from edge_reft.runtime.edits import EMPTY
+
+from .access import EVERYTHING, AccessKeys, Grant
+from .api import ChatRequest, CompletionRequest  # module level: FastAPI resolves annotations here
+from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore, PatchUnreadable
+from .pool import ClientGone, EnginePool, Job, QueueFull, job_events, race, until_disconnect
+
+MAX_BODY = 1 << 20
+
+
+def create_app(model: str | None, patches: str | os.PathLike[str], workers: int = 1,
+               max_body: int = MAX_BODY, max_queue: int = 64, keys: AccessKeys | None = None,
+               **engine_options: Any):
+    """The FastAPI app over ``model`` (default: the embedded SmolLM2).  ``max_queue`` requests
+    may wait for a worker (more: 503 with Retry-After); with ``keys``, each request needs a
+    bearer key and may use only its patches.  ``engine_options``: ``backend`` and the
+    engine's keywords."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from edge_reft.models import default_model
+    pool = EnginePool(str(default_model()) if model is None else model, workers, max_queue=max_queue,
+                      **engine_options)
+    store = PatchStore(patches, pool.engines[0].patch_set)
+    model_id = pool.base.name or pool.base.architecture
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.close()
+
+    app = FastAPI(title="edge-reft", version="1", lifespan=lifespan)
+    app.state.pool, app.state.store = pool, store
+    app.add_middleware(BodyLimit, max_body=max_body)
+
+    @app.exception_handler(ReftError)
+    async def reft_error(request: Request, exc: ReftError):
+        return _reft_error(exc, _public(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc.errors()), "invalid_request",
+                      _validation_field(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+
+    def grant_of(request: Request) -> Grant:
+        if keys is None:
+            return EVERYTHING
+        g = keys.grant(request.headers.get("authorization"))
+        if g is None:
+            raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return g
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "fingerprint": pool.base.fingerprint,
+                "workers": len(pool.engines), "busy": pool.busy, "waiting": pool.waiting,
+                "patches_cached": len(store), "patch_loads": store.loads}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        grant = grant_of(request)
+        names = await asyncio.to_thread(store.names, grant.allows)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": "edge-reft",
+                                            "patches": names}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await _serve(request, req, dict(prompt=req.prompt, raw=True), "text_completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        msgs = [m.model_dump() for m in req.messages]
+        return await _serve(request, req, dict(messages=msgs), "chat.completion")
+
+    async def _serve(request: Request, req, source: dict, kind: str):
+        """Every way a request ends goes through here: refused before any work (4xx, 503),
+        its client gone while it waits, during the prefill or the answer (the job is
+        cancelled and its engine freed), or answered."""
+        grant = grant_of(request)
+        pset = EMPTY
+        if req.patch:
+            if not grant.allows(req.patch):  # answered like a missing patch: no probing of names
+                raise PatchNotFound(f"patch {req.patch!r:.80}: no such patch")
+            pset = await asyncio.to_thread(store.get, req.patch)  # file access and math off the loop
+        opts = dict(source, patch=pset, max_tokens=req.max_tokens, temperature=req.temperature,
+                    top_p=req.top_p, seed=req.seed, stop=req.stop_list())
+        rid = f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        gone = asyncio.ensure_future(until_disconnect(request.receive))
+        job, streaming = None, False
+        try:
+            engine = await race(pool.acquire(pset.key), gone, orphan=pool.release)
+            job = Job(engine, opts, pool.release)
+            first = await race(job.next(), gone)  # errors found before the first token: a 4xx
+            if first[0] == "error":
+                return _failure(first[1])
+            events = job_events(job, first, gone)
+            if req.stream:
+                streaming = True  # from here the stream owns the job and the watcher
+                return StreamingResponse(_sse_stream(events, kind, rid, gone), media_type="text/event-stream")
+            try:
+                async for what, value in events:
+                    if what == "error":
+                        return _failure(value)
+                    if what == "done":
+                        return _final(kind, rid, model_id, value)
+            finally:
+                await events.aclose()
+        except ClientGone:
+            if job is not None:
+                job.cancel()
+            return _error(499, "the client closed the request", "client_closed")
+        except QueueFull as e:
+            return _error(503, str(e), "overloaded", headers={"Retry-After": "1"})
+        finally:
+            if not streaming:
+                gone.cancel()
+
+    async def _sse_stream(events, kind: str, rid: str, gone: asyncio.Task) -> AsyncIterator[str]:
+        """The answer as server-sent events; a client that goes away (seen by the disconnect
+        watcher or by a failed send) cancels the job at the next token."""
+        first = True
+        try:
+            async for what, value in events:
+                if what == "piece":
+                    yield _sse(_chunk(kind, rid, model_id, value, None, first))
+                    first = False
+                elif what == "done":
+                    yield _sse(_chunk(kind, rid, model_id, "", value.finish_reason, first))
+                else:
+                    yield _sse({"error": {"message": _public(value), "type": type(value).__name__}})
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        finally:  # synchronous first: under a cancelled scope every await raises again
+            gone.cancel()
+            await events.aclose()
+
+    def _public(exc: BaseException) -> str:
+        """An error's text for a client: no server path in it."""
+        return str(exc).replace(str(store.folder) + os.sep, "").replace(str(store.folder), "<patches>")
+
+    def _failure(exc: BaseException):
+        if isinstance(exc, ReftError):
+            return _reft_error(exc, _public(exc))
+        return _error(500, f"internal error ({type(exc).__name__})", "internal_error")
+
+    return app
+
+
+class BodyLimit:
+    """Pure ASGI: reads a POST body up to ``max_body`` bytes (413 beyond, whatever
+    Content-Length claims) and replays it, then passes ``receive`` through untouched so
+    handlers can watch for the client's disconnect."""
+
+    def __init__(self, app, max_body: int = MAX_BODY):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_body):
+            shown = size.decode("latin-1")[:32]
+            return await _error(413, f"request body of {shown} bytes exceeds the limit of {self.max_body}",
+                                "too_large")(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_body:
+                return await _error(413, f"request body exceeds the limit of {self.max_body} bytes",
+                                    "too_large")(scope, receive, send)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        return await self.app(scope, replayed, send)
+
+
+def _error(status: int, message: str, kind: str, field: str | None = None,
+           headers: dict[str, str] | None = None):
+    """The one error shape: ``{"error": {"message", "type", "field"?}}``, rendered as ASCII
+    JSON so no text a client sent (a lone surrogate, say) can make the error itself fail."""
+    from fastapi.responses import Response
+    err: dict[str, Any] = {"message": message, "type": kind}
+    if field:
+        err["field"] = field
+    body = json.dumps({"error": err}, ensure_ascii=True, allow_nan=False, default=str)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _reft_error(exc: ReftError, message: str | None = None):
+    msg = str(exc) if message is None else message
+    if isinstance(exc, PatchNotFound):
+        return _error(404, msg, "patch_not_found")
+    if isinstance(exc, PatchNameError):
+        return _error(400, msg, "invalid_patch_name")
+    if isinstance(exc, PatchOutsideFolder):
+        return _error(403, msg, "patch_outside_folder")
+    if isinstance(exc, PatchUnreadable):
+        return _error(422, msg, "invalid_patch", "file")
+    if isinstance(exc, QueueFull):
+        return _error(503, msg, "overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, ReftFormatError):
+        field = exc.problems[0].split(":")[0] if exc.problems else None
+        return _error(422, msg, "invalid_patch", field)
+    if isinstance(exc, PatchMismatchError):
+        return _error(422, msg, "patch_for_another_model")
+    return _error(400, msg, "invalid_request")
+
+
+def _validation_field(errors) -> str | None:
+    loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+    return ".".join(loc) or None
+
+
+def _validation_message(errors) -> str:
+    """pydantic's errors as one line each (location: message), without echoing the input."""
+    lines = []
+    for e in list(errors)[:8]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        lines.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request"
+
+
+def _final(kind: str, rid: str, model: str, r) -> dict:
+    usage = {"prompt_tokens": len(r.prompt_tokens), "completion_tokens": len(r.tokens),
+             "total_tokens": len(r.prompt_tokens) + len(r.tokens)}
+    if kind == "text_completion":
+        choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
+                  "finish_reason": r.finish_reason}
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage}
+
+
+def _chunk(kind: str, rid: str, model: str, text: str, finish: str | None, first: bool) -> dict:
+    if kind == "text_completion":
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        obj = "text_completion"
+    else:
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@contextlib.contextmanager
+def running_server(model: str | None, patches: str | os.PathLike[str], workers: int = 2,
+                   host: str = "127.0.0.1", **options: Any):
+    """Serve in a background thread on a free port of ``host``; yields the base URL."""
+    import socket
+
+    import uvicorn
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    app = create_app(model, patches, workers=workers, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise ReftError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

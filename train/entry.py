@@ -1,0 +1,121 @@
+"""The training entry: ``train(base, data, out, TrainConfig(...))`` checks, trains,
+checkpoints and writes a patch."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_reft import __version__
+from edge_reft.dataset import encode, read_jsonl
+from edge_reft.errors import ReftError
+from edge_reft.files import sha256_file
+from edge_reft.fingerprint import base_model
+from edge_reft.outputs import check_output
+from edge_reft.patch import Patch
+from edge_reft.reftfile import save_patch
+from edge_reft.runtime import prompter_for
+from .backbone import Backbone, load_backbone
+from .trainer import TrainConfig, Trainer
+
+# scores of a finished patch (e.g. services.evaluate.evaluate_patch on held-out data)
+Evaluate = Callable[[Patch], dict[str, float]]
+
+
+def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
+          config: TrainConfig, *, backbone: Backbone | None = None, kind: str | None = None,
+          evaluate: Evaluate | None = None, resume: bool = False, progress: bool = True,
+          name: str = "", description: str = "", force: bool = False,
+          inputs: tuple[str | os.PathLike[str], ...] = ()) -> Patch:
+    """Train, write ``out`` atomically (checkpoints in ``out``.ckpt/ until done), return the patch.
+    ``evaluate`` scores the patch before it is written (its exact_match and first_token go into
+    the provenance); ``inputs`` are more files ``out`` must not overwrite.
+
+    Everything that can be checked without the backbone is checked first (the base, the data,
+    the output, the options against the model's shape), so a mistake costs a second, not a run."""
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    _check_inputs(base, data, config)
+    check_output(out, [base, data, *inputs], force=force)
+    if ckpt.exists() and not resume:
+        raise ReftError(f"{ckpt}: a checkpoint of an earlier run is here; pass --resume to continue "
+                        "it, or delete it to start afresh")
+    if resume and not (ckpt / "state.json").is_file():
+        raise ReftError(f"{ckpt}: no checkpoint to resume (start without --resume)")
+    t0 = time.perf_counter()
+    prompter, close = prompter_for(base)
+    try:
+        examples = encode(read_jsonl(data), prompter)
+    finally:
+        close()
+    bb = backbone or load_backbone(base, kind, cache_mb=config.weights_cache_mb)
+    trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
+    if resume:
+        trainer.load_checkpoint()
+    else:  # step 0 on disk before the first slow stage: an interrupt anywhere can be resumed
+        trainer.save_checkpoint()
+    try:
+        return _finish(trainer, data, out, ckpt, config, bb, examples, evaluate, progress, name,
+                       description, t0)
+    except KeyboardInterrupt:
+        raise  # the checkpoint stays: --resume continues it
+    except BaseException:
+        if trainer.step == 0 and not resume:  # a failure before any progress leaves nothing behind
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+
+
+def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], config: TrainConfig) -> None:
+    """Check the files exist and the options fit the model's shape."""
+    for flag, path in (("BASE", base), ("--data", data)):
+        if not Path(path).exists():
+            raise ReftError(f"{flag} {path}: no such file" + (" or folder" if flag == "BASE" else ""))
+    if not Path(data).is_file():
+        raise ReftError(f"--data {data}: not a regular file (expected JSON Lines)")
+    model = base_model(base)
+    problems = []
+    if config.rank > model.n_embd:
+        problems.append(f"--rank {config.rank}: more than the model's hidden size n_embd {model.n_embd}")
+    bad = [L for L in config.layers if L >= model.n_layer]
+    if bad:
+        problems.append(f"--layers: block {bad[0]} does not exist (the model has blocks 0..{model.n_layer - 1})")
+    if problems:
+        raise ReftError(f"train {base}: " + "; ".join(problems))
+
+
+def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, bb: Backbone,
+            examples: list, evaluate: Evaluate | None, progress: bool, name: str, description: str,
+            t0: float) -> Patch:
+    from tqdm import tqdm
+    quiet = not progress
+    with tqdm(total=len(examples), desc="caching prefixes", unit="ex", disable=quiet, file=sys.stderr) as bar:
+        trainer.prepare(bar.update)
+    t1 = time.perf_counter()
+    bs = config.batch_size
+    with tqdm(total=trainer.total, initial=trainer.step, desc="training", unit="step", disable=quiet,
+              file=sys.stderr) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{bar.n * bs / max(time.perf_counter() - t1, 1e-9):.1f}")
+        trainer.run(on_step)
+    tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
+    provenance: dict[str, Any] = {
+        "tool": f"edge-reft {__version__}", "data": Path(data).name, "data_sha256": sha256_file(data),
+        "examples": len(examples), "steps": trainer.step, "epochs": config.epochs, "batch_size": bs,
+        "lr": config.lr, "seed": config.seed, "layers": list(config.layers), "rank": config.rank,
+        "positions": config.positions, "backbone": bb.kind, "final_loss": sum(tail) / len(tail),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+    patch = trainer.reft.to_patch(bb.base, name or out.stem, description, provenance)
+    if evaluate is not None:
+        metrics = evaluate(patch)
+        provenance.update({f"eval_{k}": v for k, v in metrics.items() if k in ("exact_match", "first_token")})
+        patch = Patch(patch.base, patch.interventions, patch.name, patch.description, provenance)
+    save_patch(patch, out)
+    if trainer.cache is not None:
+        trainer.cache.close()
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return patch

@@ -1,0 +1,175 @@
+"""Compute once what a patch cannot change; start every training step from it.
+
+A patch edits blocks >= L (its lowest layer) at positions >= p (the first
+position any of its rules selects).  The model being causal, nothing before
+position p depends on the patch at any block, and nothing below block L
+depends on it at any position.  So, per example, one forward of the frozen
+model gives: the input of block L at positions p.. (``h``) and the keys and
+values of positions < p at blocks L.. (``k``, ``v``).  A step then runs only
+positions p.. through blocks L.. on top of those keys and values.  For an
+``l1`` patch at block 15 of 30 that is 1 prompt token plus the reply through
+half the model, instead of the whole sequence through all of it.
+
+Entries live in memory up to a byte budget and on disk past it.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from edge_reft.dataset import Example
+
+
+@dataclass
+class Entry:
+    p0: int              # first edited position
+    h: np.ndarray        # (T - p0, d): input of block L at positions p0..T-1
+    k: np.ndarray        # (n_active, H_kv, p0, head_dim): keys of positions < p0, blocks L..
+    v: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.h.nbytes + self.k.nbytes + self.v.nbytes
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int, spill_dir: str | Path | None = None):
+        self.budget, self.used = budget_bytes, 0
+        self.memory: dict[int, Entry] = {}
+        self.disk: dict[int, tuple[int, Path]] = {}
+        self._dir = spill_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def put(self, i: int, e: Entry) -> None:
+        if self.used + e.nbytes <= self.budget:
+            self.memory[i] = e
+            self.used += e.nbytes
+            return
+        if self._dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="edge-reft-prefix-")
+            self._dir = self._tmp.name
+        path = Path(self._dir) / f"{i}.npz"
+        np.savez(path, h=e.h, k=e.k, v=e.v)
+        self.disk[i] = (e.p0, path)
+
+    def get(self, i: int) -> Entry:
+        e = self.memory.get(i)
+        if e is not None:
+            return e
+        p0, path = self.disk[i]
+        with np.load(path) as z:
+            return Entry(p0, z["h"], z["k"], z["v"])
+
+    def __len__(self) -> int:
+        return len(self.memory) + len(self.disk)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def pad_batch(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0) and the matching attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def build(model: Any, examples: Sequence[Example], first_layer: int, first_edited: Callable[[int], int],
+          cache: PrefixCache, batch: int = 8, progress: Callable[[int], None] = lambda n: None) -> None:
+    """One frozen forward per example (batched, right-padded): fill ``cache``."""
+    from .hf import decoder_layers
+    cfg = model.config.get_text_config()
+    n_layer, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = decoder_layers(model)
+    # batches of similar lengths: right-padding costs compute, and the cache is order-free
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    for start in range(0, len(examples), batch):
+        idx = order[start:start + batch]
+        chunk = [examples[i] for i in idx]
+        ids, mask = pad_batch([e.tokens for e in chunk])
+        # with nothing to cache above (every edit starts at position 0), the blocks from
+        # first_layer up are not needed at all
+        upper = range(first_layer, n_layer) if all(first_edited(len(e.prompt)) == 0 for e in chunk) else ()
+        kept = {L: layers[L] for L in upper}
+        for L in upper:
+            layers[L] = _Passthrough()
+        captured: dict[str, torch.Tensor] = {}  # the input of block first_layer, as it is handed over
+        grab = layers[first_layer].register_forward_pre_hook(lambda m, args: captured.setdefault("h", args[0]))
+        try:  # the decoder only: the LM head over every position would cost more than the blocks
+            out = model.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        finally:
+            grab.remove()
+            for L, m in kept.items():
+                layers[L] = m
+        h_all = captured["h"]
+        kv = out.past_key_values
+        for j, e in enumerate(chunk):
+            p0, t = first_edited(len(e.prompt)), len(e.tokens)
+            if p0 == 0:
+                k = v = np.zeros((n_layer - first_layer, n_kv, 0, head_dim), np.float32)
+            else:
+                k = torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
+                v = torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
+            cache.put(idx[j], Entry(p0, h_all[j, p0:t].numpy().copy(), k, v))
+        progress(len(chunk))
+
+
+class _Passthrough(torch.nn.Module):
+    """Stands in for the blocks below the patch: their output is in the cache."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def cached_forward(model: Any, entries: Sequence[Entry], first_layer: int) -> torch.Tensor:
+    """Final-normed hidden states (B, S, d) of positions p0.. of each example, computed from
+    the cache through blocks >= first_layer only (rows right-padded to S)."""
+    from transformers import DynamicCache
+
+    from .hf import decoder_layers
+    cfg = model.config.get_text_config()
+    P = max(e.p0 for e in entries)
+    S = max(e.h.shape[0] for e in entries)
+    B, d = len(entries), entries[0].h.shape[1]
+    h = torch.zeros(B, S, d)
+    mask = torch.zeros(B, P + S, dtype=torch.long)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    n_active, n_kv, _, hd = entries[0].k.shape
+    keys = torch.zeros(n_active, B, n_kv, P, hd)
+    vals = torch.zeros(n_active, B, n_kv, P, hd)
+    for i, e in enumerate(entries):
+        s = e.h.shape[0]
+        h[i, :s] = torch.from_numpy(e.h)
+        mask[i, P - e.p0:P + s] = 1          # past left-padded, new positions right-padded
+        pos[i] = e.p0 + torch.arange(S)
+        keys[:, i, :, P - e.p0:] = torch.from_numpy(e.k)
+        vals[:, i, :, P - e.p0:] = torch.from_numpy(e.v)
+    past = DynamicCache(config=cfg)
+    for L in range(cfg.num_hidden_layers):
+        a = L - first_layer
+        k = keys[a] if a >= 0 else torch.zeros(B, n_kv, P, hd)
+        v = vals[a] if a >= 0 else torch.zeros(B, n_kv, P, hd)
+        past.update(k, v, L)
+    layers = decoder_layers(model)
+    below = [layers[L] for L in range(first_layer)]
+    for L in range(first_layer):
+        layers[L] = _Passthrough()
+    try:
+        out = model.model(inputs_embeds=h, attention_mask=mask, position_ids=pos, past_key_values=past,
+                          use_cache=True)
+    finally:
+        for L, m in enumerate(below):
+            layers[L] = m
+    return out.last_hidden_state

@@ -1,0 +1,238 @@
+"""The training loop: batches, the cached forward, loss, AdamW, checkpoints.
+
+Loss is the mean cross-entropy over the reply tokens of a batch (end of turn
+included).  Batches follow a permutation drawn per epoch from the seed, and
+the optimizer state is checkpointed with the step, so an interrupted run
+resumed with ``resume=True`` continues bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from edge_reft.errors import ReftError
+from edge_reft.files import atomic_path, write_text
+from edge_reft.positions import PositionRule
+from . import prefix
+from edge_reft.dataset import Example
+from .interventions import BatchHooks, Spec, TrainableReft
+
+DEFAULT_LR = 2e-3  # inside pyreft's range (5e-4 .. 4e-3)
+
+
+@dataclass
+class TrainConfig:
+    layers: tuple[int, ...] = (15,)
+    rank: int = 4
+    positions: str = "l1"
+    epochs: int = 3
+    lr: float = DEFAULT_LR
+    batch_size: int = 8
+    seed: int = 0
+    max_steps: int | None = None
+    prefix_cache: bool = True         # False: the plain full forward every step (pyreft's way)
+    prefix_cache_mb: int = 1024       # memory for cached prefixes before they spill to disk
+    weights_cache_mb: int = 1024      # dequantized GGUF weights kept; the rest dequantized per use
+    checkpoint_every: int = 200
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.layers or any(not isinstance(L, int) or L < 0 for L in self.layers):
+            problems.append(f"layers: {self.layers!r}, expected block indices >= 0")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            problems.append(f"rank: {self.rank!r}, expected an integer >= 1")
+        try:
+            PositionRule.parse(self.positions)
+        except ReftError as e:
+            problems.append(str(e))
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            problems.append(f"lr: {self.lr!r}, expected a number in (0, 1)")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 1")
+        for name in ("prefix_cache_mb", "weights_cache_mb"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 0 (MiB)")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps: {self.max_steps!r}, expected an integer >= 1")
+        if problems:
+            raise ReftError("train: " + "; ".join(problems))
+
+    def specs(self) -> list[Spec]:
+        rule = PositionRule.parse(self.positions)
+        return [Spec(L, rule, self.rank) for L in self.layers]
+
+
+def batches(n_examples: int, config: TrainConfig) -> list[np.ndarray]:
+    """Example indices of every step: a permutation per epoch, drawn from (seed, epoch)."""
+    out = []
+    for epoch in range(config.epochs):
+        order = np.random.default_rng([config.seed, epoch]).permutation(n_examples)
+        out += [order[i:i + config.batch_size] for i in range(0, n_examples, config.batch_size)]
+    return out[:config.max_steps] if config.max_steps else out
+
+
+def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final-normed hidden states (with the model's logit soft-capping, if any)."""
+    out = model.lm_head(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(out / cap) * cap if cap else out
+
+
+class Trainer:
+    def __init__(self, model: Any, examples: Sequence[Example], config: TrainConfig, n_embd: int,
+                 checkpoint_dir: str | os.PathLike[str] | None = None):
+        n_layer = model.config.get_text_config().num_hidden_layers
+        bad = [L for L in config.layers if L >= n_layer]
+        if bad:
+            raise ReftError(f"train: layer {bad[0]} does not exist (the model has blocks 0..{n_layer - 1})")
+        if not examples:
+            raise ReftError("train: no examples")
+        self.model, self.examples, self.config = model, list(examples), config
+        self.reft = TrainableReft(config.specs(), n_embd, config.seed)
+        self.first_layer = min(config.layers)
+        self.opt = torch.optim.AdamW(self.reft.parameters(), lr=config.lr, weight_decay=0.0)
+        per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        self.total = min(per_epoch * config.epochs, config.max_steps or 1 << 62)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / self.total))
+        self.step, self.losses = 0, []
+        self.ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        self.cache: prefix.PrefixCache | None = None
+
+    # ---- one batch ---------------------------------------------------------------
+    def _masks(self, rows: Sequence[tuple[int, int, int]], width: int) -> list[torch.Tensor]:
+        """Per spec, (B, width) bool: rows are (n_prompt, first position, length)."""
+        masks = []
+        for s in self.reft.specs:
+            m = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, (n, start, length) in enumerate(rows):
+                pos = np.arange(start, start + length)
+                hit = np.ones(length, bool) if s.rule.all else np.isin(pos, s.rule.select(n))
+                m[i, :length] = torch.from_numpy(hit)
+            masks.append(m)
+        return masks
+
+    def batch_loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """Summed reply-token cross-entropy of examples ``idx`` and their token count."""
+        exs = [self.examples[i] for i in idx]
+        with BatchHooks(self.model, self.reft) as hooks:
+            if self.config.prefix_cache:
+                entries = [self.cache.get(i) for i in idx]
+                rows = [(len(e.prompt), en.p0, len(e.tokens) - en.p0) for e, en in zip(exs, entries)]
+                hooks.masks = self._masks(rows, max(r[2] for r in rows))
+                hidden = prefix.cached_forward(self.model, entries, self.first_layer)
+            else:
+                rows = [(len(e.prompt), 0, len(e.tokens)) for e in exs]
+                hooks.masks = self._masks(rows, max(r[2] for r in rows))
+                ids, mask = prefix.pad_batch([e.tokens for e in exs])
+                hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        picked, targets = [], []
+        for i, (e, (n, start, _)) in enumerate(zip(exs, rows)):
+            r0 = n - 1 - start  # the logits at prompt position n-1 predict the first reply token
+            picked.append(hidden[i, r0:r0 + len(e.target)])
+            targets.extend(e.target)
+        out = logits(self.model, torch.cat(picked))
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor(targets), reduction="sum")
+        return loss, len(targets)
+
+    # ---- the loop -----------------------------------------------------------------
+    def prepare(self, progress: Callable[[int], None] = lambda n: None) -> None:
+        if self.config.prefix_cache and self.cache is None:
+            self.cache = prefix.PrefixCache(self.config.prefix_cache_mb << 20,
+                                            self.ckpt / "prefix" if self.ckpt else None)
+            if self.ckpt:
+                (self.ckpt / "prefix").mkdir(parents=True, exist_ok=True)
+            prefix.build(self.model, self.examples, self.first_layer, self.reft.first_edited, self.cache,
+                         batch=self.config.batch_size, progress=progress)
+
+    def batches(self) -> list[np.ndarray]:
+        return batches(len(self.examples), self.config)[:self.total]
+
+    def train_step(self, idx: Sequence[int]) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss, count = self.batch_loss(idx)
+        (loss / count).backward()
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        value = float(loss.detach()) / count
+        self.losses.append(value)
+        return value
+
+    def run(self, on_step: Callable[[int, float], None] = lambda s, l: None) -> None:
+        """Train to the end, checkpointing; Ctrl-C saves a checkpoint and re-raises."""
+        interrupted = []
+        old = signal.signal(signal.SIGINT, lambda *a: interrupted.append(1)) \
+            if self.ckpt and _main_thread() else None
+        try:
+            for idx in self.batches()[self.step:]:
+                loss = self.train_step(idx)
+                on_step(self.step, loss)
+                if self.ckpt and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if interrupted:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if self.ckpt:
+                self.save_checkpoint()
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+    # ---- checkpoints --------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+        assert self.ckpt is not None
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param.{k}": v.detach().clone() for k, v in self.reft.state_dict().items()}
+        opt = self.opt.state_dict()
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{pid}.{k}"] = v.detach().clone().reshape(v.shape)
+        meta = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
+                "param_groups": opt["param_groups"], "n_examples": len(self.examples)}
+        with atomic_path(self.ckpt / "state.safetensors") as tmp:
+            save_file(tensors, tmp)
+        write_text(self.ckpt / "state.json", json.dumps(meta))  # last: it names a complete state
+        return self.ckpt
+
+    def load_checkpoint(self) -> bool:
+        from safetensors.torch import load_file
+        if not self.ckpt or not (self.ckpt / "state.json").exists():
+            return False
+        meta = json.loads((self.ckpt / "state.json").read_text())
+        saved = {k: v for k, v in meta["config"].items() if k not in ("max_steps", "checkpoint_every",
+                                                                        "prefix_cache_mb", "extra")}
+        now = {k: v for k, v in asdict(self.config).items() if k in saved}
+        now["layers"] = list(now["layers"])
+        if saved != now or meta["n_examples"] != len(self.examples):
+            raise ReftError(f"{self.ckpt}: the checkpoint was made with other settings or data "
+                            f"({saved}, {meta['n_examples']} examples); start afresh or match them")
+        t = load_file(self.ckpt / "state.safetensors")
+        self.reft.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
+        state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.step, self.losses = meta["step"], meta["losses"]
+        self.sched.last_epoch = self.step
+        for g in self.opt.param_groups:
+            g["lr"] = self.config.lr * max(0.0, 1 - self.step / self.total)
+        return True
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
