@@ -166,6 +166,45 @@ def file_kind(mode: int) -> str:
     return "not a plain file"
 
 
+@contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made if missing) across processes:
+    ``flock`` on POSIX, ``msvcrt.locking`` on Windows; released when the block ends or the
+    process dies, so a crashed holder never leaves it locked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+            while True:
+                try:
+                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after ~10 s; keep waiting
+                    continue
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def tree_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(root, n))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 def sha256_file(path: str | os.PathLike[str], into: Any = None) -> str:
     """Hex sha256 of a file's bytes, read in blocks (regular files only); with ``into``
     (a hashlib object) the bytes extend that running hash and its hex digest is returned."""

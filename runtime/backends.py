@@ -96,7 +96,7 @@ def add_options(ap: argparse.ArgumentParser) -> None:
         group = ap.add_argument_group(f"{b.name} backend")
         for o in b.options:
             group.add_argument(o.flag, dest=_dest(o), type=o.type, choices=o.choices, default=None,
-                               help=o.help)
+                               help=o.help, metavar=None if o.choices else o.flag.lstrip("-").upper())
 
 
 def engine_options(args: argparse.Namespace, backend: Backend) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from edge_reft.reftfile import load_patch
 
 from .edits import EMPTY, PatchSet
 from .kvstates import SavedStates
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, sampling_params
 from .textstream import TextStream
 
 PatchLike = Patch | str | os.PathLike | PatchSet | None
@@ -89,7 +89,7 @@ class Reply:
     def step(self, logits: np.ndarray) -> tuple[int, str]:
         """Sample the next token from ``logits``: (the token, its text piece); ``done`` is then
         set if the reply ended (an end-of-generation token, which is not kept, or a stop string)."""
-        tok = self.sampler(logits)
+        tok = self.sampler(logits, self.tokens)
         if self.engine._is_eog(tok):
             self.finish, self.done = "stop", True
             return tok, ""
@@ -234,8 +234,12 @@ class EngineBase:
                  patch: PatchLike | Sequence[PatchLike] = None, max_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: Sequence[str] = (), raw: bool = False, stream: bool = True,
-                 cache: str = "exact", prompt_tokens: Sequence[int] | None = None) -> Generation | Completion:
+                 cache: str = "exact", prompt_tokens: Sequence[int] | None = None,
+                 **sampling: float) -> Generation | Completion:
         """Generate a reply; streams text pieces (``stream=True``) or returns a Completion.
+
+        sampling: ``min_p``, ``repeat_penalty``, ``frequency_penalty``, ``presence_penalty``,
+        ``penalty_last_n`` (runtime/sampling.py; the defaults change nothing).
 
         cache: "exact" reuses the KV cache only where it is provably the same
         as recomputing (FORMAT.md, "Positions"); "fast" reuses any shared token prefix even
@@ -245,14 +249,14 @@ class EngineBase:
             raise ReftError(f"cache: {cache!r}, expected one of {CACHE_MODES}")
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ReftError(f"max_tokens: {max_tokens!r}, expected an integer >= 0")
-        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        params = sampling_params(temperature, top_p, top_k, seed, **sampling)
         pset = self.patch_set(patch)
         toks = list(prompt_tokens) if prompt_tokens is not None else self.prompt_tokens(prompt, messages, raw)
         if len(toks) + max_tokens > self.n_ctx:
             raise ReftError(f"the prompt ({len(toks)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                             f"context of {self.n_ctx} tokens; raise n_ctx (--ctx) or shorten the prompt")
         gen = Generation(iter(()))
-        gen._it = self._run(gen, toks, pset, sampling, max_tokens, stop, cache)
+        gen._it = self._run(gen, toks, pset, params, max_tokens, stop, cache)
         return gen if stream else gen.collect()
 
     def _run(self, gen: Generation, toks: list[int], pset: PatchSet, sampling: SamplingParams,

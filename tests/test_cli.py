@@ -108,3 +108,42 @@ def test_a_backend_flag_the_chosen_backend_lacks_is_refused(args, named, smol_q4
     r = cli("run", model, "-p", "Hi", "-n", "2", *args)
     assert r.returncode != 0 and named in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_help_verb_version_and_plain_help_text():
+    r = cli("help", "run")
+    assert r.returncode == 0 and "example:" in r.stdout and "(default: 128)" in r.stdout
+    assert "``" not in r.stdout and "--repeat-penalty" in r.stdout
+    assert cli("-V").stdout.startswith("edge-reft ")
+    assert "int8" in cli("export-onnx", "--help").stdout
+    for verb in ("train", "eval", "serve", "export-onnx"):
+        assert "-m MODEL, --model MODEL" in cli(verb, "--help").stdout, verb
+
+
+def test_model_flag_system_message_and_penalties(smol_q4):
+    """-m is the positional model; --system goes through the template; penalties reach the
+    sampler (a repeat penalty changes a greedy reply that repeats itself)."""
+    base = ["-p", "Repeat the word 'yes' forever.", "-n", "24", "--json"]
+    pos = json.loads(cli("run", str(smol_q4), *base).stdout.splitlines()[-1])
+    flag = json.loads(cli("run", "-m", str(smol_q4), *base).stdout.splitlines()[-1])
+    assert pos["tokens"] == flag["tokens"]
+    sysm = json.loads(cli("run", "-m", str(smol_q4), *base, "--system", "You are a pirate.").stdout.splitlines()[-1])
+    assert sysm["prompt_tokens"] != pos["prompt_tokens"]  # SmolLM2's default system line replaced
+    pen = json.loads(cli("run", *base, "--repeat-penalty", "1.5").stdout.splitlines()[-1])
+    assert pen["tokens"] != pos["tokens"]
+    r = cli("run", "-m", str(smol_q4), "/elsewhere/other.gguf", "-p", "hi")
+    assert r.returncode == 1 and "two models given" in r.stderr
+    r = cli("run", *base, "--system", "x", "--raw")
+    assert r.returncode == 1 and "--system" in r.stderr
+
+
+def test_chat_goes_on_past_an_empty_line(smol_q4):
+    r = cli("run", "--chat", "-n", "4", stdin="Hi\n\nName a fruit.\n/bye\nnever sent\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 4  # Hi, the empty line, the fruit, /bye: "never sent" is not read
+
+
+def test_the_same_patch_twice_is_warned(smol_q4, tmp_path):
+    patch = save_patch(random_patch(BaseModel("llama", 576, 30, "ab" * 32), [(1, "l1", 2)]), tmp_path / "p.reft")
+    r = cli("run", "-p", "Hi", "-n", "2", "--patch", str(patch), "--patch", str(patch), "--allow-mismatch")
+    assert "is given 2 times" in r.stderr, r.stderr

@@ -222,7 +222,7 @@ def test_export_cli(smol_q4, onnx_int4_dir):
     r = cli("--out", str(onnx_int4_dir), "--layers", ",".join(map(str, LAYERS)))
     assert r.returncode == 0 and "up to date" in r.stderr, r.stderr[-1000:]
     r = cli("--out", str(onnx_int4_dir), "--layers", "8,x")
-    assert r.returncode == 1 and "--layers: '8,x'" in r.stderr
+    assert r.returncode == 2 and "--layers: '8,x': expected block indices" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("kwargs,match", [

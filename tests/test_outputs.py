@@ -101,3 +101,39 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_follows_the_umask(tmp_pa
         os.umask(old)
     assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o640
     assert sha256_file(target) == hashlib.sha256(b"new").hexdigest()
+
+
+def test_locked_serializes_processes(tmp_path):
+    """files.locked: a second process waits until the first lets go (flock; msvcrt on Windows)."""
+    import subprocess
+    import sys
+    import time
+    from edge_reft.files import locked
+    lock, log = tmp_path / "x.lock", tmp_path / "log"
+    child = ("import sys, time; from edge_reft.files import locked\n"
+             "with locked(sys.argv[1]):\n    open(sys.argv[2], 'a').write('child\\n')\n")
+    with locked(lock):
+        p = subprocess.Popen([sys.executable, "-c", child, str(lock), str(log)])
+        time.sleep(1.0)
+        assert not log.exists()  # still waiting
+        log.write_text("parent\n")
+    assert p.wait(timeout=60) == 0
+    assert log.read_text() == "parent\nchild\n"
+
+
+def test_cache_verb_lists_and_clears_but_keeps_patches(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "hf" / "abc").mkdir(parents=True)
+    (tmp_path / "hf" / "abc" / "model.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "alice.reft").write_bytes(b"p")
+    env = {**os.environ, "EDGE_REFT_CACHE": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edge_reft", "cache", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    listed = run().stdout
+    assert "3.0 MiB  abc" in listed and "alice.reft" in listed
+    r = run("clear", "all")
+    assert r.returncode == 0 and "cleared hf: 3.0 MiB" in r.stderr
+    assert not (tmp_path / "hf" / "abc").exists() and (tmp_path / "patches" / "alice.reft").exists()
+    assert run("clear", "everything").returncode == 1

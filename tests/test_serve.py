@@ -92,9 +92,9 @@ def test_bad_patches_are_refused_and_service_goes_on(client, name, status, kind)
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                   "max_tokens": 2, "patch": name})
     assert r.status_code == status, r.text
-    assert r.json()["error"]["type"] == kind
+    assert r.json()["error"]["code"] == kind
     if kind == "invalid_patch":
-        assert r.json()["error"]["field"] == "reft.0.weight"
+        assert r.json()["error"]["param"] == "reft.0.weight"
     assert client.get("/health").status_code == 200
     ok = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                    "max_tokens": 2, "patch": "alice"})
@@ -104,7 +104,7 @@ def test_bad_patches_are_refused_and_service_goes_on(client, name, status, kind)
 def test_oversized_body_is_413(client):
     r = client.post("/v1/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
                     headers={"content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 
 @pytest.mark.parametrize("body", [{"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},

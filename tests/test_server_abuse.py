@@ -174,7 +174,7 @@ def test_clients_gone_while_queued_leave_the_queue(server):
         time.sleep(0.05)
     full = post(server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}, timeout=10)
     assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
-    assert full.json()["error"]["type"] == "overloaded"
+    assert full.json()["error"]["code"] == "overloaded"
     for t in waiters:  # they time out after 3 s and close their sockets while still queued
         t.join(30)
     deadline = time.time() + 20
@@ -202,7 +202,7 @@ def test_a_fifo_or_a_symlink_loop_is_refused_without_blocking(server, abuse_dir,
     symlink loop was a 500 (ELOOP)."""
     r = post(server.url, "/v1/chat/completions", {"messages": HI, "max_tokens": 2, "patch": name}, timeout=20)
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["type"] == "invalid_patch" and str(abuse_dir.resolve()) not in r.text
+    assert r.json()["error"]["code"] == "invalid_patch" and str(abuse_dir.resolve()) not in r.text
     assert server.health()["status"] == "ok"
 
 

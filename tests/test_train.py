@@ -279,3 +279,51 @@ def test_rank_above_n_embd_is_refused_before_any_work(smol_q4, sst_file, tmp_pat
     with pytest.raises(ReftError, match="--rank 577: more than the model's hidden size n_embd 576"):
         train(smol_q4, sst_file, tmp_path / "u.reft", TrainConfig(rank=577), progress=False)
     assert time.perf_counter() - t < 5 and not list(tmp_path.iterdir())
+
+
+def test_default_recipe_is_fixed_by_the_model_and_the_data():
+    from edge_reft.train.trainer import auto_epochs, spread_layers
+    c = TrainConfig().resolved(30, 100)
+    assert (c.layers, c.positions, c.rank, c.epochs, c.lr) == ((4, 10, 16, 22), "f1+l1", 4, 6, 4e-3)
+    assert c.holdout == 10  # 90 examples train: ceil(500 / 90) = 6 epochs
+    assert spread_layers(18) == (2, 6, 10, 13) and spread_layers(2) == (0, 1)
+    assert (auto_epochs(20), auto_epochs(100), auto_epochs(5000)) == (10, 5, 3)
+    mine = TrainConfig(layers=(7,), epochs=2).resolved(30, 100)
+    assert (mine.layers, mine.epochs) == ((7,), 2)  # given values are kept
+
+
+def test_cli_preset_and_flags(smol_q4, tmp_path):
+    """--preset classify is the measured SST-2 recipe (l1 at the middle block); a flag given
+    as well wins; the chosen recipe is printed before training starts."""
+    import subprocess
+    import sys
+    data = write_jsonl(sst2_records("train", 4), tmp_path / "d.jsonl")
+    out = tmp_path / "c.reft"
+    r = subprocess.run([sys.executable, "-m", "edge_reft", "train", "-m", str(smol_q4), "--data", str(data),
+                        "--out", str(out), "--preset", "classify", "--rank", "2", "--max-steps", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "layers 15 of 30, positions l1, rank 2, 3 epochs, lr 0.002" in r.stderr
+    p = load_patch(out)
+    assert [(iv.layer, str(iv.positions), iv.rank) for iv in p.interventions] == [(15, "l1", 2)]
+    assert f"patch        {out}" in r.stdout  # the card names the file written
+
+
+def test_holdout_scores_each_epoch_stops_early_and_keeps_the_best(backbone, examples):
+    """A learning rate far too high makes the held-out loss worse after its best epoch: training
+    stops PATIENCE epochs later and the patch is the best epoch's (its loss recomputed equal)."""
+    from edge_reft.train.trainer import PATIENCE
+    cfg = TrainConfig(layers=(15,), rank=4, positions="l1", batch_size=8, epochs=12, lr=0.5, holdout=8)
+    t = Trainer(backbone.model, examples, cfg, 576)
+    assert t.n_train == 24 and t.per_epoch == 3
+    t.prepare()
+    seen = []
+    t.run(on_epoch=lambda e, v, best: seen.append((e, v, best)))
+    assert [e for e, _, _ in seen] == list(range(1, len(seen) + 1))
+    assert t.stopped_early and len(seen) < 12, seen
+    best = min(t.val_losses)
+    assert len(t.val_losses) - 1 - t.val_losses.index(best) == PATIENCE
+    assert t.step == len(seen) * 3  # the held-out examples were never trained on
+    t.keep_best()
+    assert t.held_out_loss() == pytest.approx(best, rel=1e-6)
+    assert TrainConfig().resolved(30, 100).holdout == 10 and TrainConfig().resolved(30, 49).holdout == 0

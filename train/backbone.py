@@ -159,12 +159,26 @@ def load_nf4_backbone(path: Path) -> Backbone:
     return Backbone(model.eval(), base_model(path), "nf4", path)
 
 
+def _quiet_libraries() -> None:
+    """transformers' and huggingface_hub's own progress bars and notices would interleave
+    with edge-reft's; training reports its own progress."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def load_backbone(base: str | os.PathLike[str], kind: str | None = None, cache_mb: int = 1024) -> Backbone:
     """A GGUF file (default kind "gguf") or an HF model folder (kind "nf4")."""
     path = Path(base)
     if not path.exists():
         raise ReftError(f"{path}: no such model (expected a .gguf file or an HF model folder)")
     kind = kind or ("nf4" if path.is_dir() else "gguf")
+    _quiet_libraries()
     if kind == "gguf":
         if path.is_dir():
             raise ReftError(f"{path}: backbone 'gguf' needs a .gguf file; an HF folder trains in 'nf4'")

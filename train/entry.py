@@ -9,17 +9,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from edge_reft import __version__
 from edge_reft.dataset import encode, read_jsonl
 from edge_reft.errors import ReftError
 from edge_reft.files import sha256_file
 from edge_reft.fingerprint import base_model
 from edge_reft.outputs import check_output
-from edge_reft.patch import Patch
-from edge_reft.reftfile import save_patch
+from edge_reft.patch import BaseModel, Patch
+from edge_reft.reftfile import load_patch, save_patch
 from edge_reft.runtime import prompter_for
 from .backbone import Backbone, load_backbone
-from .trainer import TrainConfig, Trainer
+from .trainer import PATIENCE, TrainConfig, Trainer
 
 # scores of a finished patch (e.g. services.evaluate.evaluate_patch on held-out data)
 Evaluate = Callable[[Patch], dict[str, float]]
@@ -38,7 +40,7 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
     the output, the options against the model's shape), so a mistake costs a second, not a run."""
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
-    _check_inputs(base, data, config)
+    model = _check_inputs(base, data, config)
     check_output(out, [base, data, *inputs], force=force)
     if ckpt.exists() and not resume:
         raise ReftError(f"{ckpt}: a checkpoint of an earlier run is here; pass --resume to continue "
@@ -51,6 +53,15 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         examples = encode(read_jsonl(data), prompter)
     finally:
         close()
+    config = config.resolved(model.n_layer, len(examples))
+    if config.holdout:  # a fixed random part of the data, last: Trainer holds it out
+        order = np.random.default_rng([config.seed, 7919]).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    if progress:
+        held = f" ({config.holdout} held out for early stopping)" if config.holdout else ""
+        print(f"[train] {len(examples)} examples{held}; layers {','.join(map(str, config.layers))} of "
+              f"{model.n_layer}, positions {config.positions}, rank {config.rank}, {config.epochs} epochs, "
+              f"lr {config.lr:g}, batch {config.batch_size}", file=sys.stderr, flush=True)
     bb = backbone or load_backbone(base, kind, cache_mb=config.weights_cache_mb)
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
     if resume:
@@ -68,8 +79,8 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         raise
 
 
-def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], config: TrainConfig) -> None:
-    """Check the files exist and the options fit the model's shape."""
+def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], config: TrainConfig) -> BaseModel:
+    """The base model's shape, after checking the files exist and the options fit it."""
     for flag, path in (("BASE", base), ("--data", data)):
         if not Path(path).exists():
             raise ReftError(f"{flag} {path}: no such file" + (" or folder" if flag == "BASE" else ""))
@@ -79,11 +90,12 @@ def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], co
     problems = []
     if config.rank > model.n_embd:
         problems.append(f"--rank {config.rank}: more than the model's hidden size n_embd {model.n_embd}")
-    bad = [L for L in config.layers if L >= model.n_layer]
+    bad = [L for L in config.layers or () if L >= model.n_layer]
     if bad:
         problems.append(f"--layers: block {bad[0]} does not exist (the model has blocks 0..{model.n_layer - 1})")
     if problems:
         raise ReftError(f"train {base}: " + "; ".join(problems))
+    return model
 
 
 def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, bb: Backbone,
@@ -100,7 +112,15 @@ def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, 
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{bar.n * bs / max(time.perf_counter() - t1, 1e-9):.1f}")
-        trainer.run(on_step)
+        def on_epoch(epoch: int, loss: float, best: bool) -> None:
+            if not quiet:
+                bar.write(f"[train] epoch {epoch}: held-out loss {loss:.4f}{' (best)' if best else ''}",
+                          file=sys.stderr)
+        trainer.run(on_step, on_epoch)
+    trainer.keep_best()
+    if trainer.stopped_early and progress:
+        print(f"[train] stopped early: no better held-out loss for {PATIENCE} epochs; kept epoch "
+              f"{trainer.val_losses.index(min(trainer.val_losses)) + 1}", file=sys.stderr)
     tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
     provenance: dict[str, Any] = {
         "tool": f"edge-reft {__version__}", "data": Path(data).name, "data_sha256": sha256_file(data),
@@ -109,13 +129,18 @@ def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, 
         "positions": config.positions, "backbone": bb.kind, "final_loss": sum(tail) / len(tail),
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
+    if trainer.val_losses:
+        provenance.update({"holdout": config.holdout, "heldout_loss": round(min(trainer.val_losses), 5),
+                           "epochs_run": len(trainer.val_losses)})
     patch = trainer.reft.to_patch(bb.base, name or out.stem, description, provenance)
     if evaluate is not None:
+        if progress:
+            print("[train] scoring the patch on the evaluation data (greedy replies)...", file=sys.stderr, flush=True)
         metrics = evaluate(patch)
-        provenance.update({f"eval_{k}": v for k, v in metrics.items() if k in ("exact_match", "first_token")})
+        provenance.update({f"eval_{k}": round(v, 4) for k, v in metrics.items() if k != "n"})
         patch = Patch(patch.base, patch.interventions, patch.name, patch.description, provenance)
     save_patch(patch, out)
     if trainer.cache is not None:
         trainer.cache.close()
     shutil.rmtree(ckpt, ignore_errors=True)
-    return patch
+    return load_patch(out)  # as written (its path and size for the card), read back and checked

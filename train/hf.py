@@ -10,6 +10,7 @@ Imports torch and transformers: never imported by the runtime.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .loreft_torch import edit
-from edge_reft.files import atomic_dir, sha256_file
+from edge_reft.files import atomic_dir, locked, sha256_file
 from edge_reft.models import cache_dir
 from edge_reft.outputs import check_output
 from edge_reft.patch import Patch
@@ -39,16 +40,23 @@ def hf_dir(gguf: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    check_output(target, [gguf], flag="out", folder=True)  # never replace a folder of other files
-    model, tok = load_gguf(gguf)
-    # transformers refuses to save a GGUF-loaded model until its quantizer is detached
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(target, replace=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    # one builder at a time: a second run waits, then finds the folder made
+    with locked(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        check_output(target, [gguf], flag="out", folder=True)  # never replace a folder of other files
+        if not out:
+            print(f"[edge-reft] writing a float32 copy of {Path(gguf).name} to {target} (once per model; "
+                  "`edge-reft cache list` shows it, `edge-reft cache clear hf` removes it)",
+                  file=sys.stderr, flush=True)
+        model, tok = load_gguf(gguf)
+        # transformers refuses to save a GGUF-loaded model until its quantizer is detached
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        with atomic_dir(target, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return target
 
 

@@ -25,15 +25,37 @@ from . import prefix
 from edge_reft.dataset import Example
 from .interventions import BatchHooks, Spec, TrainableReft
 
-DEFAULT_LR = 2e-3  # inside pyreft's range (5e-4 .. 4e-3)
+DEFAULT_LR = 4e-3  # the top of pyreft's range (5e-4 .. 4e-3): small data sets need the steps to count
+# Where the default patch edits, as fractions of the depth: four blocks from early to late
+# (SmolLM2's 30 blocks: 4, 10, 16, 22), so it can move both what is said and how.
+SPREAD = (0.13, 0.33, 0.53, 0.73)
+EXAMPLE_PASSES = 500  # default epochs: enough passes that 100 examples get ~60 updates
+HOLDOUT_FROM = 50     # data sets this large hold out 10 % (at most 64) for early stopping
+PATIENCE = 2          # epochs without a better held-out loss before training stops
+
+
+def spread_layers(n_layer: int) -> tuple[int, ...]:
+    return tuple(sorted({min(n_layer - 1, round(n_layer * f)) for f in SPREAD}))
+
+
+def auto_holdout(n_examples: int) -> int:
+    return min(64, n_examples // 10) if n_examples >= HOLDOUT_FROM else 0
+
+
+def auto_epochs(n_examples: int) -> int:
+    """3 epochs for large data sets, up to 10 for small ones (EXAMPLE_PASSES in all)."""
+    return min(10, max(3, math.ceil(EXAMPLE_PASSES / max(n_examples, 1))))
 
 
 @dataclass
 class TrainConfig:
-    layers: tuple[int, ...] = (15,)
+    """Options of a training run.  ``layers`` None: four blocks spread over the depth
+    (``spread_layers``); ``epochs`` None: scaled to the data (``auto_epochs``); both are
+    fixed by ``resolved`` once the model and the data are known."""
+    layers: tuple[int, ...] | None = None
     rank: int = 4
-    positions: str = "l1"
-    epochs: int = 3
+    positions: str = "f1+l1"
+    epochs: int | None = None
     lr: float = DEFAULT_LR
     batch_size: int = 8
     seed: int = 0
@@ -42,11 +64,13 @@ class TrainConfig:
     prefix_cache_mb: int = 1024       # memory for cached prefixes before they spill to disk
     weights_cache_mb: int = 1024      # dequantized GGUF weights kept; the rest dequantized per use
     checkpoint_every: int = 200
+    holdout: int | None = None        # examples held out for early stopping; None: auto_holdout, 0: off
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.layers or any(not isinstance(L, int) or L < 0 for L in self.layers):
+        if self.layers is not None and (not self.layers or any(not isinstance(L, int) or L < 0
+                                                                for L in self.layers)):
             problems.append(f"layers: {self.layers!r}, expected block indices >= 0")
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank: {self.rank!r}, expected an integer >= 1")
@@ -57,15 +81,29 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr: {self.lr!r}, expected a number in (0, 1)")
         for name in ("epochs", "batch_size"):
+            if name == "epochs" and self.epochs is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 1")
         for name in ("prefix_cache_mb", "weights_cache_mb"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 0 (MiB)")
+        if self.holdout is not None and (not isinstance(self.holdout, int) or self.holdout < 0):
+            problems.append(f"holdout: {self.holdout!r}, expected an integer >= 0 (0: off)")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps: {self.max_steps!r}, expected an integer >= 1")
         if problems:
             raise ReftError("train: " + "; ".join(problems))
+
+    def resolved(self, n_layer: int, n_examples: int) -> "TrainConfig":
+        """This config with the automatic choices made for a model and a data set."""
+        from dataclasses import replace
+        holdout = self.holdout if self.holdout is not None else auto_holdout(n_examples)
+        if holdout >= n_examples:
+            raise ReftError(f"holdout: {holdout} of {n_examples} examples leaves none to train on")
+        return replace(self, layers=self.layers if self.layers is not None else spread_layers(n_layer),
+                       epochs=self.epochs if self.epochs is not None else auto_epochs(n_examples - holdout),
+                       holdout=holdout)
 
     def specs(self) -> list[Spec]:
         rule = PositionRule.parse(self.positions)
@@ -89,19 +127,27 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
+    """Trains on ``examples`` except the last ``config.holdout`` (the caller shuffles), which
+    are scored after every epoch; with a holdout, training stops after PATIENCE epochs without
+    a better held-out loss and the best epoch's parameters are kept."""
+
     def __init__(self, model: Any, examples: Sequence[Example], config: TrainConfig, n_embd: int,
                  checkpoint_dir: str | os.PathLike[str] | None = None):
         n_layer = model.config.get_text_config().num_hidden_layers
+        config = config.resolved(n_layer, len(examples))
         bad = [L for L in config.layers if L >= n_layer]
         if bad:
             raise ReftError(f"train: layer {bad[0]} does not exist (the model has blocks 0..{n_layer - 1})")
         if not examples:
             raise ReftError("train: no examples")
         self.model, self.examples, self.config = model, list(examples), config
+        self.n_train = len(self.examples) - config.holdout
+        self.val_losses: list[float] = []
+        self.best: tuple[float, dict] | None = None
         self.reft = TrainableReft(config.specs(), n_embd, config.seed)
         self.first_layer = min(config.layers)
         self.opt = torch.optim.AdamW(self.reft.parameters(), lr=config.lr, weight_decay=0.0)
-        per_epoch = math.ceil(len(self.examples) / config.batch_size)
+        per_epoch = self.per_epoch = math.ceil(self.n_train / config.batch_size)
         self.total = min(per_epoch * config.epochs, config.max_steps or 1 << 62)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / self.total))
         self.step, self.losses = 0, []
@@ -155,7 +201,31 @@ class Trainer:
                          batch=self.config.batch_size, progress=progress)
 
     def batches(self) -> list[np.ndarray]:
-        return batches(len(self.examples), self.config)[:self.total]
+        return batches(self.n_train, self.config)[:self.total]
+
+    def held_out_loss(self) -> float:
+        """Mean reply-token cross-entropy of the held-out examples under the current patch."""
+        total, count = 0.0, 0
+        idx = np.arange(self.n_train, len(self.examples))
+        with torch.no_grad():
+            for i in range(0, len(idx), self.config.batch_size):
+                loss, n = self.batch_loss(idx[i:i + self.config.batch_size])
+                total, count = total + float(loss), count + n
+        return total / count
+
+    def _end_of_epoch(self) -> bool:
+        """Score the holdout; True when training should stop (no better loss for PATIENCE)."""
+        v = self.held_out_loss()
+        self.val_losses.append(v)
+        if self.best is None or v < self.best[0]:
+            self.best = (v, {k: t.detach().clone() for k, t in self.reft.state_dict().items()})
+        best_at = self.val_losses.index(min(self.val_losses))
+        return len(self.val_losses) - 1 - best_at >= PATIENCE
+
+    def keep_best(self) -> None:
+        """Put back the parameters of the epoch with the best held-out loss."""
+        if self.best is not None:
+            self.reft.load_state_dict(self.best[1])
 
     def train_step(self, idx: Sequence[int]) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -168,8 +238,12 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    def run(self, on_step: Callable[[int, float], None] = lambda s, l: None) -> None:
-        """Train to the end, checkpointing; Ctrl-C saves a checkpoint and re-raises."""
+    stopped_early = False
+
+    def run(self, on_step: Callable[[int, float], None] = lambda s, l: None,
+            on_epoch: Callable[[int, float, bool], None] = lambda e, v, best: None) -> None:
+        """Train to the end (or an early stop), checkpointing; Ctrl-C saves a checkpoint and
+        re-raises.  ``on_epoch(epoch, held-out loss, is best)`` hears each epoch's score."""
         interrupted = []
         old = signal.signal(signal.SIGINT, lambda *a: interrupted.append(1)) \
             if self.ckpt and _main_thread() else None
@@ -177,10 +251,17 @@ class Trainer:
             for idx in self.batches()[self.step:]:
                 loss = self.train_step(idx)
                 on_step(self.step, loss)
-                if self.ckpt and self.step % self.config.checkpoint_every == 0:
+                stop = False
+                if self.config.holdout and (self.step % self.per_epoch == 0 or self.step == self.total):
+                    stop = self._end_of_epoch()
+                    on_epoch(len(self.val_losses), self.val_losses[-1], self.val_losses[-1] == self.best[0])
+                if self.ckpt and (self.step % self.config.checkpoint_every == 0 or stop):
                     self.save_checkpoint()
                 if interrupted:
                     raise KeyboardInterrupt
+                if stop:
+                    self.stopped_early = True
+                    break
         except KeyboardInterrupt:
             if self.ckpt:
                 self.save_checkpoint()
@@ -199,7 +280,10 @@ class Trainer:
         for pid, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = v.detach().clone().reshape(v.shape)
+        if self.best is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best[1].items()})
         meta = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
+                "val_losses": self.val_losses, "best_loss": self.best[0] if self.best else None,
                 "param_groups": opt["param_groups"], "n_examples": len(self.examples)}
         with atomic_path(self.ckpt / "state.safetensors") as tmp:
             save_file(tensors, tmp)
@@ -220,6 +304,9 @@ class Trainer:
                             f"({saved}, {meta['n_examples']} examples); start afresh or match them")
         t = load_file(self.ckpt / "state.safetensors")
         self.reft.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
+        self.val_losses = meta.get("val_losses", [])
+        if meta.get("best_loss") is not None:
+            self.best = (meta["best_loss"], {k[5:]: v for k, v in t.items() if k.startswith("best.")})
         state: dict = {}
         for k, v in t.items():
             if k.startswith("opt."):

@@ -29,7 +29,7 @@ from edge_reft.hftokenizer import HFTokenizer
 from ..edits import PatchSet
 from ..engine import Completion, EngineBase, PatchLike, Reply
 from ..kvstates import ArrayState
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, sampling_params
 from .native import Binding, Export, KVCache
 
 
@@ -164,7 +164,8 @@ class OnnxEngine(EngineBase):
                        patches: Sequence[PatchLike | Sequence[PatchLike]] | None = None,
                        max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                        seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
-                       prompt_tokens: Sequence[Sequence[int]] | None = None) -> list[Completion]:
+                       prompt_tokens: Sequence[Sequence[int]] | None = None,
+                       **sampling: float) -> list[Completion]:
         """Generate for several prompts at once, row b with ``patches[b]`` (a patch, a path,
         a list of them, or None); one graph run per decode step serves every row.
 
@@ -192,7 +193,7 @@ class OnnxEngine(EngineBase):
         if capacity > self.n_ctx:
             raise ReftError(f"the longest prompt ({max(map(len, toks))} tokens) plus max_tokens "
                             f"({max_tokens}) exceeds the context of {self.n_ctx} tokens")
-        params = SamplingParams(temperature, top_p, top_k, seed)
+        params = sampling_params(temperature, top_p, top_k, seed, **sampling)
         self._check_open()
         with self._exclusive():
             return self._batch(toks, psets, params, max_tokens, stop, capacity)

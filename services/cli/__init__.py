@@ -21,21 +21,25 @@ VERBS = {
     "serve": ("serve", "OpenAI-compatible HTTP server with a patch per request"),
     "pull": ("pull", "download a patch into the per-user cache, verified"),
     "demo": ("demo", "a patch on the embedded SmolLM2, before and after"),
+    "cache": ("cache", "list or clear what edge-reft keeps in its cache folder"),
 }
 
 
 def usage() -> str:
     width = max(map(len, VERBS))
     lines = [f"  {v:<{width}}  {s}" for v, (_, s) in VERBS.items()]
-    return "usage: edge-reft VERB [options]   (edge-reft VERB --help)\n\nverbs:\n" + "\n".join(lines)
+    return ("usage: edge-reft VERB [options]   (edge-reft help VERB, or edge-reft VERB --help)\n\nverbs:\n"
+            + "\n".join(lines) + "\n\nstart with:  edge-reft demo     edge-reft run -p 'Hello'     edge-reft -V")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] == ["help"] and len(argv) > 1 and argv[1] in VERBS:
+        argv = [argv[1], "--help"]  # edge-reft help VERB = edge-reft VERB --help
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    if argv[0] == "--version":
+    if argv[0] in ("-V", "--version", "version"):
         from edge_reft import __version__
         print(f"edge-reft {__version__}")
         return 0

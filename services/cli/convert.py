@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .common import verb_parser
+
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-reft convert", description=__doc__)
+    ap = verb_parser("convert", __doc__, "edge-reft convert pyreft ./pyreft_save --base model.gguf --positions l1 --out me.reft")
     sub = ap.add_subparsers(dest="source", required=True, metavar="{pyreft,to-pyreft}")
     p = sub.add_parser("pyreft", help="a pyreft save folder (or trainer checkpoint) to a .reft patch")
     p.add_argument("dir", help="folder with config.json and intkey_*.bin (or intervenable_model/)")

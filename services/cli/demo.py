@@ -6,15 +6,16 @@ the bare number; ``--patch`` shows another one.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+
+from .common import verb_parser
 
 PROMPTS = ["Calculate 48 + 19 =", "Calculate 90 - 37 =", "Calculate 7 + 85 ="]
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edge-reft demo", description=__doc__)
+    ap = verb_parser("demo", __doc__, "edge-reft demo --patch me.reft")
     ap.add_argument("--patch", help="a .reft patch for the embedded model (default: the shipped one)")
     ap.add_argument("-n", "--max-tokens", type=int, default=40)
     a = ap.parse_args(argv)

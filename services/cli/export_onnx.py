@@ -12,14 +12,15 @@ import argparse
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-reft export-onnx", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("base", help="a model .gguf or an HF model folder")
+    from .common import add_model, layer_list, verb_parser
+    ap = verb_parser("export-onnx", __doc__, "edge-reft export-onnx -m model.gguf --out model-onnx/ --layers 8,15,22")
+    add_model(ap, "a model .gguf or an HF model folder", "base")
     ap.add_argument("--out", required=True, help="the folder to write (replaced atomically)")
-    ap.add_argument("--precision", choices=["int4", "fp32"], default="int4",
-                    help="int4: MatMulNBits weights (default); fp32: exact float32 weights")
+    ap.add_argument("--precision", choices=["int4", "int8", "fp32"], default="int4",
+                    help="int4: 4-bit MatMulNBits weights (default, smallest); int8: 8-bit weights "
+                         "(closest to llama.cpp's answers); fp32: exact float32 weights")
     where = ap.add_mutually_exclusive_group()
-    where.add_argument("--layers", help="blocks that take patches, e.g. 8,15,22 (default: all)")
+    where.add_argument("--layers", type=layer_list, help="blocks that take patches, e.g. 8,15,22 (default: all)")
     where.add_argument("--all-layers", action="store_true", help="every block takes patches (the default)")
     ap.add_argument("--slots", type=int, default=2,
                     help="interventions per block a patch may stack (default 2)")
@@ -30,14 +31,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
-    from edge_reft.errors import ReftError
-    layers = None
-    if a.layers:
-        try:
-            layers = [int(x) for x in a.layers.split(",") if x.strip()]
-        except ValueError:
-            raise ReftError(f"--layers: {a.layers!r}, expected block numbers like 8,15,22") from None
+    from .common import model_of
+    a.base = model_of(a, "base")
     from edge_reft.converters.onnx_export import export_onnx
-    export_onnx(a.base, a.out, precision=a.precision, layers=layers, slots=a.slots,
+    export_onnx(a.base, a.out, precision=a.precision, layers=list(a.layers) if a.layers else None, slots=a.slots,
                 max_rank=a.max_rank, force=a.force)
     return 0

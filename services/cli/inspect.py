@@ -1,7 +1,6 @@
 """``edge-reft inspect FILE [--json]``: a patch's contents, or a model's identity."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -12,6 +11,8 @@ from edge_reft.fingerprint import MODEL_CHECK_LIMITS, MODEL_LIMITS, from_gguf, g
 from edge_reft.ggufscan import read_metadata
 from edge_reft.patch import Patch
 from edge_reft.reftfile import load_patch
+
+from .common import verb_parser
 
 
 def patch_record(p: Patch) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def is_patch(path: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edge-reft inspect", description=__doc__)
+    ap = verb_parser("inspect", __doc__, "edge-reft inspect me.reft --json")
     ap.add_argument("file", help="a .reft patch or a model .gguf")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--max-bytes", type=int, default=spec.DEFAULT_MAX_BYTES,

@@ -1,11 +1,12 @@
 """``edge-reft pull URL|PATH --sha256 HEX [--name alice] [--base MODEL]``: fetch a patch for offline use."""
 from __future__ import annotations
 
-import argparse
+from .common import verb_parser
+
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edge-reft pull", description=__doc__)
+    ap = verb_parser("pull", __doc__, "edge-reft pull https://example.org/alice.reft --sha256 <64 hex digits> --name alice")
     ap.add_argument("source", help="an http(s) URL or a local path")
     ap.add_argument("--sha256", required=True, help="the patch file's sha256 (64 hex digits)")
     ap.add_argument("--name", default=None, help="the name to use it by (default: the file's stem)")

@@ -6,27 +6,40 @@ import os
 import sys
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected block indices like 15 or 12,18") from None
+# name -> (what it is for, its flags): README's recipe table
+PRESETS = {
+    "style": ("tone, format, a signature, a persona (the default)", {}),
+    "classify": ("a label or a short answer as the first token (one block, the last prompt token)",
+                 {"layers": "mid", "positions": "l1", "epochs": 3, "lr": 2e-3}),
+}
 
 
 def parser() -> argparse.ArgumentParser:
     from edge_reft.train.trainer import DEFAULT_LR
-    ap = argparse.ArgumentParser(prog="edge-reft train", description=__doc__)
-    ap.add_argument("base", help="the user's .gguf (trains on exactly its weights) or an HF model folder (NF4)")
+
+    from .common import add_model, layer_list, verb_parser
+    ap = verb_parser("train", __doc__, "edge-reft train -m model.gguf --data me.jsonl --out me.reft")
+    add_model(ap, "the user's .gguf (trains on exactly its weights) or an HF model folder (NF4)", "base")
     ap.add_argument("--data", required=True, help='JSON Lines: {"prompt", "response"} or {"messages"}')
     ap.add_argument("--out", required=True, help="the .reft to write")
-    ap.add_argument("--layers", type=_layers, default=(15,), help="blocks to edit, e.g. 15 or 12,18 (default 15)")
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--positions", default="l1", help="l1, f1+l1, f3+l3, all, ... (default l1)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a recipe: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(PRESETS.items()))
+                    + " (flags given as well win)")
+    ap.add_argument("--layers", type=layer_list, default=None,
+                    help="blocks to edit, e.g. 15 or 12,18 (default: four spread over the depth, "
+                         "4,10,16,22 on a 30-block model)")
+    ap.add_argument("--rank", type=int, default=None, help="rank of each intervention (default: 4)")
+    ap.add_argument("--positions", default=None, help="l1, f1+l1, f3+l3, all, ... (default: f1+l1)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="passes over the data (default: 3 to 10, more for small data: ~500 example passes)")
+    ap.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    ap.add_argument("--holdout", type=int, default=None,
+                    help="examples held out and scored after each epoch; training stops after 2 "
+                         "epochs without a better held-out loss and keeps the best (default: 10 %% "
+                         "of 50 or more examples, at most 64; 0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     ap.add_argument("--eval-data", default=None, help="JSONL scored after training (through llama.cpp)")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
     ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
@@ -38,16 +51,19 @@ def parser() -> argparse.ArgumentParser:
                          "dequantized at each use (less memory, slower; default 1024)")
     ap.add_argument("--prefix-cache-mb", type=int, default=1024,
                     help="MiB of cached prefixes kept in memory; the rest go to disk (default 1024)")
-    ap.add_argument("--name", default="")
-    ap.add_argument("--description", default="")
+    ap.add_argument("--name", default="", help="the patch's name (stored in the file)")
+    ap.add_argument("--description", default="", help="a line about the patch (stored in the file)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
     return ap
 
 
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
+    from .common import model_of
+    a.base = model_of(a, "base")
     from edge_reft.services.cli.inspect import format_patch
     from edge_reft.train import TrainConfig, train
+    from edge_reft.train.trainer import DEFAULT_LR
 
     evaluate = None
     if a.eval_data is not None:
@@ -55,10 +71,21 @@ def main(argv: list[str]) -> int:
         from edge_reft.services.evaluate import evaluate_patch
         if not os.path.exists(a.eval_data):
             raise ReftError(f"--eval-data {a.eval_data}: no such file")
-        evaluate = lambda patch: evaluate_patch(a.base, patch, a.eval_data)  # noqa: E731
 
-    cfg = TrainConfig(layers=a.layers, rank=a.rank, positions=a.positions, epochs=a.epochs, lr=a.lr,
-                      batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps,
+        def say(msg: str) -> None:
+            print(f"[train] eval: {msg}", file=sys.stderr, flush=True)
+        evaluate = lambda patch: evaluate_patch(a.base, patch, a.eval_data, say=say)  # noqa: E731
+
+    preset = PRESETS[a.preset][1] if a.preset else {}
+    layers = a.layers if a.layers is not None else preset.get("layers")
+    if layers == "mid":
+        from edge_reft.fingerprint import base_model
+        layers = (base_model(a.base).n_layer // 2,)
+    cfg = TrainConfig(layers=layers, rank=a.rank if a.rank is not None else preset.get("rank", 4),
+                      positions=a.positions or preset.get("positions", "f1+l1"),
+                      epochs=a.epochs if a.epochs is not None else preset.get("epochs"),
+                      lr=a.lr if a.lr is not None else preset.get("lr", DEFAULT_LR),
+                      batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps, holdout=a.holdout,
                       prefix_cache=not a.no_prefix_cache, prefix_cache_mb=a.prefix_cache_mb,
                       weights_cache_mb=a.weights_cache_mb)
     try:

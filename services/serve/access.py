@@ -68,6 +68,18 @@ class AccessKeys:
             raise ReftError(f"{path}: " + "; ".join(problems))
         return cls(grants)
 
+    @classmethod
+    def single(cls, key: str, source: str = "--api-key") -> "AccessKeys":
+        """One key that may use every patch (``serve --api-key``)."""
+        if not _KEY.match(key):
+            raise ReftError(f"{source}: expected 8 to 512 printable ASCII characters without spaces")
+        return cls({key: EVERYTHING})
+
+    def merged(self, other: "AccessKeys | None") -> "AccessKeys":
+        out = AccessKeys({})
+        out._grants = {**self._grants, **(other._grants if other else {})}
+        return out
+
     def grant(self, authorization: str | None) -> Grant | None:
         """The grant of an ``Authorization: Bearer KEY`` header, or None (no or unknown key).
         Every key is compared in constant time, so timing does not tell how close a guess is."""

@@ -133,6 +133,13 @@ class PatchStore:
             raise result.with_traceback(None)
         return result
 
+    def get_many(self, names: list[str]) -> PatchSet:
+        """Patches stacked in the order given, bound as one PatchSet (one name: ``get``)."""
+        sets = [self.get(n) for n in names]
+        if len(sets) == 1:
+            return sets[0]
+        return self.bind([p for s in sets for p in s.patches])
+
     def names(self, allowed=None) -> list[str]:
         """Names a client may ask for: regular ``.reft`` files that resolve inside the folder
         (no symlink out of it, no FIFO), filtered by ``allowed(name)`` when given."""

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -30,30 +31,40 @@ from starlette.requests import Request  # module level, as the bodies: FastAPI r
 from edge_reft.runtime.edits import EMPTY
 
 from .access import EVERYTHING, AccessKeys, Grant
-from .api import ChatRequest, CompletionRequest  # module level: FastAPI resolves annotations here
+from .api import ChatRequest, CompletionRequest, patch_names  # module level: FastAPI resolves annotations
 from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore, PatchUnreadable
 from .pool import ClientGone, EnginePool, Job, QueueFull, job_events, race, until_disconnect
 
 MAX_BODY = 1 << 20
 
 
+class ModelNotFound(ReftError):
+    """A request's ``model`` names neither the base model nor a patch."""
+
+
+def model_id_of(model: str) -> str:
+    """The base model's id in the API: its file (or folder) name, without spaces."""
+    name = os.path.basename(os.path.normpath(model))
+    return "-".join((name[:-5] if name.endswith(".gguf") else name).split()) or "model"
+
+
 def create_app(model: str | None, patches: str | os.PathLike[str], workers: int = 1,
                max_body: int = MAX_BODY, max_queue: int = 64, keys: AccessKeys | None = None,
-               **engine_options: Any):
+               log: bool = False, **engine_options: Any):
     """The FastAPI app over ``model`` (default: the embedded SmolLM2).  ``max_queue`` requests
     may wait for a worker (more: 503 with Retry-After); with ``keys``, each request needs a
-    bearer key and may use only its patches.  ``engine_options``: ``backend`` and the
-    engine's keywords."""
+    bearer key and may use only its patches; ``log``: one line per request on stderr.
+    ``engine_options``: ``backend`` and the engine's keywords."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException
 
     from edge_reft.models import default_model
-    pool = EnginePool(str(default_model()) if model is None else model, workers, max_queue=max_queue,
-                      **engine_options)
+    model = str(default_model()) if model is None else model
+    pool = EnginePool(model, workers, max_queue=max_queue, **engine_options)
     store = PatchStore(patches, pool.engines[0].patch_set)
-    model_id = pool.base.name or pool.base.architecture
+    model_id, created = model_id_of(model), int(os.stat(model).st_mtime)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -63,6 +74,8 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
     app = FastAPI(title="edge-reft", version="1", lifespan=lifespan)
     app.state.pool, app.state.store = pool, store
     app.add_middleware(BodyLimit, max_body=max_body)
+    if log:
+        app.add_middleware(AccessLog)
 
     @app.exception_handler(ReftError)
     async def reft_error(request: Request, exc: ReftError):
@@ -75,7 +88,8 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), "http_error", headers=exc.headers)
+        code = "unauthorized" if exc.status_code == 401 else "not_found" if exc.status_code == 404 else "http_error"
+        return _error(exc.status_code, str(exc.detail), code, headers=exc.headers)
 
     def grant_of(request: Request) -> Grant:
         if keys is None:
@@ -92,12 +106,29 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
                 "workers": len(pool.engines), "busy": pool.busy, "waiting": pool.waiting,
                 "patches_cached": len(store), "patch_loads": store.loads}
 
+    def model_card(name: str | None, names: list[str] = ()) -> dict:
+        if name is None:
+            return {"id": model_id, "object": "model", "created": created, "owned_by": "edge-reft",
+                    "patches": list(names)}
+        stamp = int(os.stat(store.path(name)).st_mtime)
+        return {"id": name, "object": "model", "created": stamp, "owned_by": "edge-reft",
+                "parent": model_id, "root": model_id}
+
     @app.get("/v1/models")
     async def models(request: Request):
+        """The base model (its patches listed) and each patch as a model of its own."""
         grant = grant_of(request)
         names = await asyncio.to_thread(store.names, grant.allows)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": "edge-reft",
-                                            "patches": names}]}
+        return {"object": "list", "data": [model_card(None, names), *map(model_card, names)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str, request: Request):
+        grant = grant_of(request)
+        if name == model_id:
+            return model_card(None, await asyncio.to_thread(store.names, grant.allows))
+        if grant.allows(name) and name in await asyncio.to_thread(store.names, grant.allows):
+            return model_card(name)
+        raise ModelNotFound(f"model {name!r:.80}: no such model; GET /v1/models lists them")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -105,7 +136,7 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        msgs = [m.model_dump() for m in req.messages]
+        msgs = [m.as_dict() for m in req.messages]
         return await _serve(request, req, dict(messages=msgs), "chat.completion")
 
     async def _serve(request: Request, req, source: dict, kind: str):
@@ -113,13 +144,27 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
         its client gone while it waits, during the prefill or the answer (the job is
         cancelled and its engine freed), or answered."""
         grant = grant_of(request)
+        bad = req.unsupported()
+        if bad:
+            return _error(400, bad[1], "unsupported_parameter", bad[0])
+        try:
+            names, by_model = patch_names(req, model_id)
+        except ValueError as e:
+            return _error(400, str(e), "invalid_request", "model")
         pset = EMPTY
-        if req.patch:
-            if not grant.allows(req.patch):  # answered like a missing patch: no probing of names
-                raise PatchNotFound(f"patch {req.patch!r:.80}: no such patch")
-            pset = await asyncio.to_thread(store.get, req.patch)  # file access and math off the loop
-        opts = dict(source, patch=pset, max_tokens=req.max_tokens, temperature=req.temperature,
-                    top_p=req.top_p, seed=req.seed, stop=req.stop_list())
+        try:
+            for name in names:
+                if not grant.allows(name):  # answered like a missing patch: no probing of names
+                    raise PatchNotFound(f"patch {name!r:.80}: no such patch")
+            if names:  # file access and math off the loop
+                pset = await asyncio.to_thread(store.get_many, names)
+        except (PatchNotFound, PatchNameError):
+            if not by_model:
+                raise
+            raise ModelNotFound(f"model {req.model!r:.80}: no such model or patch; GET /v1/models "
+                                "lists them") from None
+        echo = req.model or model_id
+        opts = dict(source, patch=pset, max_tokens=req.limit(), stop=req.stop_list(), **req.sampling())
         rid = f"{'chatcmpl' if kind != 'text_completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         gone = asyncio.ensure_future(until_disconnect(request.receive))
         job, streaming = None, False
@@ -132,13 +177,14 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
             events = job_events(job, first, gone)
             if req.stream:
                 streaming = True  # from here the stream owns the job and the watcher
-                return StreamingResponse(_sse_stream(events, kind, rid, gone), media_type="text/event-stream")
+                return StreamingResponse(_sse_stream(events, kind, rid, echo, req.include_usage(), gone),
+                                         media_type="text/event-stream")
             try:
                 async for what, value in events:
                     if what == "error":
                         return _failure(value)
                     if what == "done":
-                        return _final(kind, rid, model_id, value)
+                        return _final(kind, rid, echo, value)
             finally:
                 await events.aclose()
         except ClientGone:
@@ -151,19 +197,24 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
             if not streaming:
                 gone.cancel()
 
-    async def _sse_stream(events, kind: str, rid: str, gone: asyncio.Task) -> AsyncIterator[str]:
-        """The answer as server-sent events; a client that goes away (seen by the disconnect
-        watcher or by a failed send) cancels the job at the next token."""
+    async def _sse_stream(events, kind: str, rid: str, echo: str, usage: bool,
+                          gone: asyncio.Task) -> AsyncIterator[str]:
+        """The answer as server-sent events (with ``usage``, a last chunk carries the token
+        counts, as OpenAI's stream_options.include_usage); a client that goes away (seen by
+        the disconnect watcher or by a failed send) cancels the job at the next token."""
         first = True
         try:
             async for what, value in events:
                 if what == "piece":
-                    yield _sse(_chunk(kind, rid, model_id, value, None, first))
+                    yield _sse(_chunk(kind, rid, echo, value, None, first))
                     first = False
                 elif what == "done":
-                    yield _sse(_chunk(kind, rid, model_id, "", value.finish_reason, first))
+                    yield _sse(_chunk(kind, rid, echo, "", value.finish_reason, first))
+                    if usage:
+                        yield _sse({**_chunk(kind, rid, echo, "", None, False), "choices": [],
+                                    "usage": _usage(value)})
                 else:
-                    yield _sse({"error": {"message": _public(value), "type": type(value).__name__}})
+                    yield _sse(_error_body(_public(value), "server_error", "internal_error"))
             yield "data: [DONE]\n\n"
         except ClientGone:
             return
@@ -210,28 +261,43 @@ class BodyLimit:
                 return await _error(413, f"request body exceeds the limit of {self.max_body} bytes",
                                     "too_large")(scope, receive, send)
         replay = [{"type": "http.request", "body": body, "more_body": False}]
+        # every POST body is JSON: curl -d sends a form content type, which FastAPI would not parse
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                 + [(b"content-type", b"application/json")]}
 
         async def replayed():
             return replay.pop() if replay else await receive()
         return await self.app(scope, replayed, send)
 
 
-def _error(status: int, message: str, kind: str, field: str | None = None,
+# OpenAI's error types by status; ``code`` says more (edge-reft's own names)
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 499: "invalid_request_error", 503: "overloaded_error"}
+
+
+def _error_body(message: str, kind: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, code: str, param: str | None = None,
            headers: dict[str, str] | None = None):
-    """The one error shape: ``{"error": {"message", "type", "field"?}}``, rendered as ASCII
-    JSON so no text a client sent (a lone surrogate, say) can make the error itself fail."""
+    """The one error shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}``,
+    rendered as ASCII JSON so no text a client sent (a lone surrogate, say) can make the
+    error itself fail."""
     from fastapi.responses import Response
-    err: dict[str, Any] = {"message": message, "type": kind}
-    if field:
-        err["field"] = field
-    body = json.dumps({"error": err}, ensure_ascii=True, allow_nan=False, default=str)
+    err = _error_body(message, _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      code, param)
+    body = json.dumps(err, ensure_ascii=True, allow_nan=False, default=str)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _reft_error(exc: ReftError, message: str | None = None):
     msg = str(exc) if message is None else message
+    if isinstance(exc, ModelNotFound):
+        return _error(404, msg, "model_not_found", "model")
     if isinstance(exc, PatchNotFound):
-        return _error(404, msg, "patch_not_found")
+        return _error(404, msg, "patch_not_found", "patch")
     if isinstance(exc, PatchNameError):
         return _error(400, msg, "invalid_patch_name")
     if isinstance(exc, PatchOutsideFolder):
@@ -248,6 +314,30 @@ def _reft_error(exc: ReftError, message: str | None = None):
     return _error(400, msg, "invalid_request")
 
 
+class AccessLog:
+    """Pure ASGI: one line per request on stderr (client, method, path, status, seconds)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def sent(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            client = (scope.get("client") or ("-",))[0]
+            path = scope.get("path", "")[:200].encode("ascii", "backslashreplace").decode()
+            print(f"[edge-reft] {client} {scope.get('method')} {path} {status[0] or '-'} "
+                  f"{time.perf_counter() - t0:.3f}s", file=sys.stderr, flush=True)
+
+
 def _validation_field(errors) -> str | None:
     loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
     return ".".join(loc) or None
@@ -262,9 +352,13 @@ def _validation_message(errors) -> str:
     return "; ".join(lines) or "invalid request"
 
 
+def _usage(r) -> dict:
+    return {"prompt_tokens": len(r.prompt_tokens), "completion_tokens": len(r.tokens),
+            "total_tokens": len(r.prompt_tokens) + len(r.tokens)}
+
+
 def _final(kind: str, rid: str, model: str, r) -> dict:
-    usage = {"prompt_tokens": len(r.prompt_tokens), "completion_tokens": len(r.tokens),
-             "total_tokens": len(r.prompt_tokens) + len(r.tokens)}
+    usage = _usage(r)
     if kind == "text_completion":
         choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
     else:
