@@ -166,6 +166,18 @@ def file_kind(mode: int) -> str:
     return "not a plain file"
 
 
+def lock_file(entry: str | os.PathLike[str]) -> Path:
+    """The lock file that guards the cache entry ``entry``: ``.NAME.lock`` beside it (one
+    naming rule for whoever builds an entry and whoever clears it)."""
+    entry = Path(entry)
+    return entry.parent / f".{entry.name}.lock"
+
+
+def is_lock_file(path: str | os.PathLike[str]) -> bool:
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".lock")
+
+
 @contextmanager
 def locked(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (made if missing) across processes:

@@ -257,6 +257,16 @@ def test_a_request_error_leaves_the_worker_usable(server):
     assert post(server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_request_stacks_at_most_16_patches(server):
+    """Each named patch costs a file lookup and an edit at every token: the count is bounded,
+    by name, whether the patches come as a list or in ``model``."""
+    r = post(server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "patch": ["a"] * 17})
+    assert r.status_code == 422 and "17 patches stacked, at most 16" in r.json()["error"]["message"], r.text
+    r = post(server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "model": "+".join(["a"] * 17)})
+    assert r.status_code == 400 and "17 patches stacked, at most 16" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "model"
+
+
 @pytest.mark.parametrize("body", [
     b'{"prompt": "Hi", "seed": -1}', b'{"prompt": "Hi", "seed": -1, "stream": true}',
     b'{"prompt": "Hi", "temperature": 5e-324}', b'{"prompt": "Hi", "temperature": NaN}',

@@ -88,10 +88,10 @@ def test_lean_memory_settings_give_the_same_gradients(smol_q4, backbone, example
     spilled to disk: the same numbers as the default caches, in less memory."""
     lean = load_backbone(smol_q4, cache_mb=0)
     grads = []
-    for bb, prefix_mb in ((backbone, 1024), (lean, 0)):
+    for bb, prefix_mb, weights_mb in ((backbone, 1024, None), (lean, 0, 0)):
         gen = torch.Generator().manual_seed(0)
         t = Trainer(bb.model, examples[:6], TrainConfig(layers=(9, 20), rank=3, positions="f1+l1", batch_size=6,
-                                                        prefix_cache_mb=prefix_mb), 576)
+                                                        prefix_cache_mb=prefix_mb, weights_cache_mb=weights_mb), 576)
         t.prepare()
         assert len(t.cache.disk) == (6 if prefix_mb == 0 else 0)
         with torch.no_grad():
@@ -102,8 +102,8 @@ def test_lean_memory_settings_give_the_same_gradients(smol_q4, backbone, example
         grads.append([p.grad.clone() for p in t.reft.parameters()] + [loss.detach() / n])
         t.cache.close()
     assert lean.cache.used == 0 and backbone.cache.used > 0
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+    for a, b in zip(*grads):  # slices of rows go through BLAS in other block shapes: float rounding
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
 
 
 def test_loss_goes_down_and_patch_runs(backbone, examples, engine_q4, tmp_path):
@@ -307,6 +307,10 @@ def test_cli_preset_and_flags(smol_q4, tmp_path):
     p = load_patch(out)
     assert [(iv.layer, str(iv.positions), iv.rank) for iv in p.interventions] == [(15, "l1", 2)]
     assert f"patch        {out}" in r.stdout  # the card names the file written
+    helptext = subprocess.run([sys.executable, "-m", "edge_reft", "train", "--help"], capture_output=True,
+                              text=True).stdout
+    assert "facts: facts the model should know (rank 8, the first and last three prompt tokens)" in \
+        " ".join(helptext.split())
 
 
 def test_holdout_scores_each_epoch_stops_early_and_keeps_the_best(backbone, examples):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,17 @@ from edge_reft.fingerprint import base_model
 from edge_reft.patch import BaseModel
 from .ggufq import DequantCache, GGUFEmbedding, GGUFLinear
 
+# GGUF architectures whose mapping onto transformers' models is tested bit for bit, per
+# architecture (tests/test_archs.py); Mistral's GGUFs are "llama".  Any other is refused.
+TRAINABLE = ("gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3")
+
+
+def check_trainable(path: Path, arch: str) -> None:
+    if arch not in TRAINABLE:
+        raise ReftError(f"{path}: architecture {arch!r} is not supported for training (supported: "
+                        f"{', '.join(TRAINABLE)}); patches for it still run in llama.cpp")
+
+
 @dataclass
 class Backbone:
     model: Any                 # a transformers causal LM, eval mode, no trainable weights
@@ -34,6 +46,23 @@ class Backbone:
     kind: str                  # "gguf" or "nf4"
     source: Path               # the GGUF file or HF folder
     cache: DequantCache | None = None
+    device: str = "cpu"
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def pick_device(name: str = "auto") -> str:
+    """``auto``: CUDA, then Apple's MPS, then the CPU; a named device must be there."""
+    if name not in DEVICES:
+        raise ReftError(f"--device {name!r}: expected one of {', '.join(DEVICES)}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ReftError(f"--device {name}: this torch ({torch.__version__}) sees no {name.upper()} device "
+                        "(use --device cpu, or a torch build for it)")
+    return name
 
 
 def _gguf_tensors(path: Path) -> dict[str, tuple[torch.Tensor, int, tuple[int, ...]]]:
@@ -62,16 +91,24 @@ def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
     return raw.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
-def _skeleton(path: Path) -> Any:
+def _skeleton(path: Path, arch: str) -> Any:
     """transformers' architecture for this GGUF with its parameters on the meta device: the
     config is read from the file's metadata, no weight is materialized."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edge_reft.fingerprint import gguf_metadata
     try:
         cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError) as e:
         raise ReftError(f"{path}: transformers cannot build this GGUF's architecture ({e}); "
                         "training on it is not supported") from e
+    # transformers' GGUF reader leaves some architectures' head size at the config class's
+    # default (Qwen3: 128) instead of the file's attention.key_length
+    head = gguf_metadata(path).fields.get(f"{arch}.attention.key_length")
+    text = cfg.get_text_config()
+    if head is not None and getattr(text, "head_dim", None) not in (None, int(head.value)):
+        text.head_dim = int(head.value)
     with init_empty_weights():  # parameters on meta; buffers (RoPE tables) real
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
@@ -81,7 +118,7 @@ def _processor(model: Any, arch: str) -> Any:
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
 
 
-def load_gguf_backbone(path: Path, cache_mb: int = 1024) -> Backbone:
+def load_gguf_backbone(path: Path, cache_mb: int = 1024, device: str = "cpu") -> Backbone:
     """transformers' architecture with the GGUF's quantized blocks as its weights.
 
     Never a full-precision copy: the model is built on the meta device, every linear layer
@@ -93,9 +130,10 @@ def load_gguf_backbone(path: Path, cache_mb: int = 1024) -> Backbone:
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     from .ggufq import dequantize
-    model = _skeleton(path)
-    cfg = model.config.get_text_config()
     arch = base_model(path).architecture
+    check_trainable(path, arch)
+    model = _skeleton(path, arch)
+    cfg = model.config.get_text_config()
     processor = _processor(model, arch)
     names = get_gguf_hf_weights_map(model, processor)
     tensors = _gguf_tensors(path)
@@ -135,18 +173,23 @@ def load_gguf_backbone(path: Path, cache_mb: int = 1024) -> Backbone:
         raise ReftError(f"{path}: edge-reft cannot map this {arch} GGUF onto transformers' model: "
                         f"{len(missing)} weights have no tensor in the file (first: {missing[0]})")
     model.requires_grad_(False)
-    return Backbone(model.eval(), base_model(path), "gguf", path, cache)
+    # the quantized blocks (4-5 bits a weight) move; dequantized matrices are made there
+    return Backbone(model.to(device).eval(), base_model(path), "gguf", path, cache, device)
 
 
-def load_nf4_backbone(path: Path) -> Backbone:
-    """bitsandbytes NF4 (compute float32, CPU) from an HF folder, or from a GGUF via its HF folder."""
+def load_nf4_backbone(path: Path, device: str = "cpu") -> Backbone:
+    """bitsandbytes NF4 (compute float32, on the CPU or CUDA) from an HF folder, or from a GGUF
+    via its HF folder."""
+    if device not in ("cpu", "cuda"):
+        raise ReftError(f"--backbone nf4 --device {device}: bitsandbytes runs on cpu or cuda; use "
+                        "--backbone gguf (the default for a .gguf) on this device")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from .hf import hf_dir
     folder = hf_dir(path) if path.is_file() else path
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                            bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu",
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map=device,
                                                  dtype=torch.float32)
     model.requires_grad_(False)
     import bitsandbytes as bnb
@@ -156,7 +199,7 @@ def load_nf4_backbone(path: Path) -> Backbone:
             # eval mode without grad, and the repacked kernel has no backward: gradients through
             # it are silently wrong.  Training needs the plain NF4 path, always.
             m.support_avx512bf16_for_cpu = False
-    return Backbone(model.eval(), base_model(path), "nf4", path)
+    return Backbone(model.eval(), base_model(path), "nf4", path, None, device)
 
 
 def _quiet_libraries() -> None:
@@ -172,19 +215,36 @@ def _quiet_libraries() -> None:
         pass
 
 
-def load_backbone(base: str | os.PathLike[str], kind: str | None = None, cache_mb: int = 1024) -> Backbone:
-    """A GGUF file (default kind "gguf") or an HF model folder (kind "nf4")."""
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold to the largest block freed (up to 32 MB), after which
+    the dequantized slices and activations freed at every step stay in its heaps: on a 1 B
+    model that held 1.3 GB more than the steps use.  A fixed 1 MiB threshold hands every
+    large buffer back to the system when it is freed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (glibc; not musl)
+        except (OSError, AttributeError):
+            pass
+
+
+def load_backbone(base: str | os.PathLike[str], kind: str | None = None, cache_mb: int = 1024,
+                  device: str = "cpu") -> Backbone:
+    """A GGUF file (default kind "gguf") or an HF model folder (kind "nf4"), on ``device``
+    (``auto`` picks CUDA, MPS, then the CPU)."""
+    device = pick_device(device)
     path = Path(base)
     if not path.exists():
         raise ReftError(f"{path}: no such model (expected a .gguf file or an HF model folder)")
     kind = kind or ("nf4" if path.is_dir() else "gguf")
     _quiet_libraries()
+    _return_freed_memory()
     if kind == "gguf":
         if path.is_dir():
             raise ReftError(f"{path}: backbone 'gguf' needs a .gguf file; an HF folder trains in 'nf4'")
-        return load_gguf_backbone(path, cache_mb)
+        return load_gguf_backbone(path, cache_mb, device)
     if kind == "nf4":
-        return load_nf4_backbone(path)
+        return load_nf4_backbone(path, device)
     raise ReftError(f"backbone: {kind!r}, expected 'gguf' or 'nf4'")
 
 

@@ -20,7 +20,7 @@ from edge_reft.outputs import check_output
 from edge_reft.patch import BaseModel, Patch
 from edge_reft.reftfile import load_patch, save_patch
 from edge_reft.runtime import prompter_for
-from .backbone import Backbone, load_backbone
+from .backbone import Backbone, check_trainable, load_backbone, pick_device
 from .trainer import PATIENCE, TrainConfig, Trainer
 
 # scores of a finished patch (e.g. services.evaluate.evaluate_patch on held-out data)
@@ -31,16 +31,18 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
           config: TrainConfig, *, backbone: Backbone | None = None, kind: str | None = None,
           evaluate: Evaluate | None = None, resume: bool = False, progress: bool = True,
           name: str = "", description: str = "", force: bool = False,
-          inputs: tuple[str | os.PathLike[str], ...] = ()) -> Patch:
+          inputs: tuple[str | os.PathLike[str], ...] = (), device: str = "auto") -> Patch:
     """Train, write ``out`` atomically (checkpoints in ``out``.ckpt/ until done), return the patch.
     ``evaluate`` scores the patch before it is written (its exact_match and first_token go into
-    the provenance); ``inputs`` are more files ``out`` must not overwrite.
+    the provenance); ``inputs`` are more files ``out`` must not overwrite; ``device``: cpu, cuda,
+    mps or auto (CUDA, then MPS, then the CPU).
 
     Everything that can be checked without the backbone is checked first (the base, the data,
     the output, the options against the model's shape), so a mistake costs a second, not a run."""
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
     model = _check_inputs(base, data, config)
+    device = pick_device(device) if backbone is None else backbone.device
     check_output(out, [base, data, *inputs], force=force)
     if ckpt.exists() and not resume:
         raise ReftError(f"{ckpt}: a checkpoint of an earlier run is here; pass --resume to continue "
@@ -61,8 +63,9 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         held = f" ({config.holdout} held out for early stopping)" if config.holdout else ""
         print(f"[train] {len(examples)} examples{held}; layers {','.join(map(str, config.layers))} of "
               f"{model.n_layer}, positions {config.positions}, rank {config.rank}, {config.epochs} epochs, "
-              f"lr {config.lr:g}, batch {config.batch_size}", file=sys.stderr, flush=True)
-    bb = backbone or load_backbone(base, kind, cache_mb=config.weights_cache_mb)
+              f"lr {config.lr:g}, batch {config.batch_size}, on {device}", file=sys.stderr, flush=True)
+    cache_mb = config.weights_cache_mb if config.weights_cache_mb is not None else 1024  # the Trainer sizes it
+    bb = backbone or load_backbone(base, kind, cache_mb=cache_mb, device=device)
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
     if resume:
         trainer.load_checkpoint()
@@ -87,6 +90,8 @@ def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], co
     if not Path(data).is_file():
         raise ReftError(f"--data {data}: not a regular file (expected JSON Lines)")
     model = base_model(base)
+    if Path(base).is_file():
+        check_trainable(Path(base), model.architecture)
     problems = []
     if config.rank > model.n_embd:
         problems.append(f"--rank {config.rank}: more than the model's hidden size n_embd {model.n_embd}")
@@ -126,7 +131,8 @@ def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, 
         "tool": f"edge-reft {__version__}", "data": Path(data).name, "data_sha256": sha256_file(data),
         "examples": len(examples), "steps": trainer.step, "epochs": config.epochs, "batch_size": bs,
         "lr": config.lr, "seed": config.seed, "layers": list(config.layers), "rank": config.rank,
-        "positions": config.positions, "backbone": bb.kind, "final_loss": sum(tail) / len(tail),
+        "positions": config.positions, "backbone": bb.kind, "device": bb.device,
+        "final_loss": sum(tail) / len(tail),
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
     if trainer.val_losses:

@@ -5,7 +5,8 @@ for Q4/Q5 types) and dequantizes them when it computes, bit-exactly as
 gguf-py (and so llama.cpp) does.  Dequantized matrices go into a shared,
 byte-bounded cache (``DequantCache``), so the layers every step needs are
 not dequantized every step; past the budget a layer is dequantized on the
-fly, in the forward and again in the backward, so memory stays 4-bit.
+fly, a slice of rows at a time, in the forward and again in the backward, so
+memory stays 4-bit plus one slice.
 Weights never receive gradients: a patch trains only its own tensors.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
     """4 bytes of 5th bits -> (n, 32) 0/1, bit i for value i."""
     bits = qh.contiguous().view(torch.int32)
-    return ((bits >> torch.arange(32, dtype=torch.int32)) & 1)
+    return ((bits >> torch.arange(32, dtype=torch.int32, device=qh.device)) & 1)
 
 
 def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -51,8 +52,8 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.T
         return kquants.dequantize(raw, qtype).reshape(rows, cols)
     if qtype not in BLOCK:
         import gguf
-        return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(qtype))
-                                .astype(np.float32, copy=False)).reshape(rows, cols)
+        dense = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
+        return torch.from_numpy(dense.astype(np.float32, copy=False)).to(raw.device).reshape(rows, cols)
     size, nbytes = BLOCK[qtype]
     b = raw.reshape(-1, nbytes)
     if qtype == Q8_0:
@@ -84,6 +85,12 @@ class DequantCache:
         self.items: dict[int, torch.Tensor] = {}
         self.refused: set[int] = set()
 
+    def reset(self) -> None:
+        """Forget every matrix (and every refusal): the next ones looked up are kept."""
+        self.items.clear()
+        self.refused.clear()
+        self.used = 0
+
     def lookup(self, owner: "GGUFLinear") -> torch.Tensor | None:
         key = id(owner)
         w = self.items.get(key)
@@ -98,17 +105,27 @@ class DequantCache:
         return w
 
 
+CHUNK_BYTES = 32 << 20  # float32 bytes of one slice of rows dequantized at a time
+
+
 class _OnTheFly(torch.autograd.Function):
-    """y = x W^T with W dequantized in the forward and again in the backward (W is never saved)."""
+    """y = x W^T with W dequantized a slice of rows at a time, in the forward and again in
+    the backward: neither the whole float32 matrix (a 128k-vocabulary head is 1 GB) nor any
+    slice of it is ever kept."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, owner: "GGUFLinear") -> torch.Tensor:
         ctx.owner = owner
-        return x @ owner.dequantize().T
+        return torch.cat([x @ w.T for w in owner.slices()], dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.owner.dequantize(), None
+        out, start = None, 0
+        for w in ctx.owner.slices():
+            part = grad[..., start:start + w.shape[0]] @ w
+            out = part if out is None else out.add_(part)
+            start += w.shape[0]
+        return out, None
 
 
 class GGUFLinear(torch.nn.Module):
@@ -124,6 +141,13 @@ class GGUFLinear(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
+
+    def slices(self):
+        """The float32 matrix, ``CHUNK_BYTES`` of rows at a time (a GGUF row is whole blocks)."""
+        step = max(1, CHUNK_BYTES // (4 * self.in_features))
+        for a in range(0, self.out_features, step):
+            b = min(a + step, self.out_features)
+            yield dequantize(self.raw[a:b], self.qtype, (b - a, self.in_features))
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads .weight (e.g. tied heads)

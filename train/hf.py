@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .loreft_torch import edit
-from edge_reft.files import atomic_dir, locked, sha256_file
+from edge_reft.files import atomic_dir, lock_file, locked, sha256_file
 from edge_reft.models import cache_dir
 from edge_reft.outputs import check_output
 from edge_reft.patch import Patch
@@ -41,7 +41,7 @@ def hf_dir(gguf: str | os.PathLike[str], out: str | os.PathLike[str] | None = No
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time: a second run waits, then finds the folder made
-    with locked(target.parent / f".{target.name}.lock"):
+    with locked(lock_file(target)):
         if (target / "config.json").exists():
             return target
         check_output(target, [gguf], flag="out", folder=True)  # never replace a folder of other files

@@ -59,8 +59,10 @@ class TrainableReft(torch.nn.Module):
         ivs = []
         with torch.no_grad():
             for s, a, w, b in zip(self.specs, self.A, self.W, self.b):
-                r = orthonormal_rows(a.double()).float()
-                ivs.append(Intervention(s.layer, s.rule, r.numpy(), w.float().numpy(), b.float().numpy()))
+                # float64 on the CPU: MPS has no float64, and the export is once
+                r = orthonormal_rows(a.detach().cpu().double()).float()
+                ivs.append(Intervention(s.layer, s.rule, r.numpy(), w.detach().cpu().float().numpy(),
+                                        b.detach().cpu().float().numpy()))
         return Patch(base, tuple(ivs), name, description, dict(provenance or {}))
 
 

@@ -73,15 +73,15 @@ class PrefixCache:
             self._tmp.cleanup()
 
 
-def pad_batch(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (pad 0) and the matching attention mask."""
+def pad_batch(seqs: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0) and the matching attention mask, on ``device``."""
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -93,12 +93,13 @@ def build(model: Any, examples: Sequence[Example], first_layer: int, first_edite
     n_layer, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers = decoder_layers(model)
+    device = model_device(model)
     # batches of similar lengths: right-padding costs compute, and the cache is order-free
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     for start in range(0, len(examples), batch):
         idx = order[start:start + batch]
         chunk = [examples[i] for i in idx]
-        ids, mask = pad_batch([e.tokens for e in chunk])
+        ids, mask = pad_batch([e.tokens for e in chunk], device)
         # with nothing to cache above (every edit starts at position 0), the blocks from
         # first_layer up are not needed at all
         upper = range(first_layer, n_layer) if all(first_edited(len(e.prompt)) == 0 for e in chunk) else ()
@@ -120,10 +121,22 @@ def build(model: Any, examples: Sequence[Example], first_layer: int, first_edite
             if p0 == 0:
                 k = v = np.zeros((n_layer - first_layer, n_kv, 0, head_dim), np.float32)
             else:
-                k = torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
-                v = torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)]).numpy().copy()
-            cache.put(idx[j], Entry(p0, h_all[j, p0:t].numpy().copy(), k, v))
+                k = _host(torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)]))
+                v = _host(torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)]))
+            cache.put(idx[j], Entry(p0, _host(h_all[j, p0:t]), k, v))
         progress(len(chunk))
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the backbone computes (its buffers and parameters all live on one device)."""
+    for t in model.buffers():
+        return t.device
+    return next(model.parameters()).device
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy in host memory (the cache lives there, whatever the device)."""
+    return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
 class _Passthrough(torch.nn.Module):
@@ -156,11 +169,13 @@ def cached_forward(model: Any, entries: Sequence[Entry], first_layer: int) -> to
         pos[i] = e.p0 + torch.arange(S)
         keys[:, i, :, P - e.p0:] = torch.from_numpy(e.k)
         vals[:, i, :, P - e.p0:] = torch.from_numpy(e.v)
+    device = model_device(model)
+    h, mask, pos, keys, vals = (t.to(device) for t in (h, mask, pos, keys, vals))
     past = DynamicCache(config=cfg)
     for L in range(cfg.num_hidden_layers):
         a = L - first_layer
-        k = keys[a] if a >= 0 else torch.zeros(B, n_kv, P, hd)
-        v = vals[a] if a >= 0 else torch.zeros(B, n_kv, P, hd)
+        k = keys[a] if a >= 0 else torch.zeros(B, n_kv, P, hd, device=device)
+        v = vals[a] if a >= 0 else torch.zeros(B, n_kv, P, hd, device=device)
         past.update(k, v, L)
     layers = decoder_layers(model)
     below = [layers[L] for L in range(first_layer)]

@@ -22,6 +22,7 @@ from edge_reft.errors import ReftError
 from edge_reft.files import atomic_path, write_text
 from edge_reft.positions import PositionRule
 from . import prefix
+from .ggufq import GGUFLinear
 from edge_reft.dataset import Example
 from .interventions import BatchHooks, Spec, TrainableReft
 
@@ -62,7 +63,7 @@ class TrainConfig:
     max_steps: int | None = None
     prefix_cache: bool = True         # False: the plain full forward every step (pyreft's way)
     prefix_cache_mb: int = 1024       # memory for cached prefixes before they spill to disk
-    weights_cache_mb: int = 1024      # dequantized GGUF weights kept; the rest dequantized per use
+    weights_cache_mb: int | None = None  # dequantized GGUF weights kept (None: auto_weights_cache)
     checkpoint_every: int = 200
     holdout: int | None = None        # examples held out for early stopping; None: auto_holdout, 0: off
     extra: dict = field(default_factory=dict)
@@ -86,6 +87,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 1")
         for name in ("prefix_cache_mb", "weights_cache_mb"):
+            if name == "weights_cache_mb" and self.weights_cache_mb is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name}: {getattr(self, name)!r}, expected an integer >= 0 (MiB)")
         if self.holdout is not None and (not isinstance(self.holdout, int) or self.holdout < 0):
@@ -126,6 +129,33 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(out / cap) * cap if cap else out
 
 
+AUTO_WEIGHTS_CACHE = 1 << 30
+
+
+def auto_weights_cache(model: Any, first_layer: int) -> int:
+    """Bytes of dequantized weights to keep: all the steps use (the blocks from the first
+    edited one, and the head) when that is at most 1 GiB (on a CUDA device: half its free
+    memory), else none.  A cache holding part of a large model saves only that part's
+    dequantizing and costs its memory at full width; without one the weights stay 4-bit (a
+    1 B model trains in its file size + ~1.2 GiB)."""
+    from .hf import decoder_layers
+    layers = decoder_layers(model)
+    used = {id(m): 4 * m.out_features * m.in_features
+            for block in list(layers)[first_layer:] for m in block.modules() if isinstance(m, GGUFLinear)}
+    head = model.get_output_embeddings()
+    if isinstance(head, GGUFLinear):
+        used[id(head)] = 4 * head.out_features * head.in_features
+    need = sum(used.values())
+    device = prefix.model_device(model)
+    room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else AUTO_WEIGHTS_CACHE
+    return need if need <= room else 0
+
+
+def _weight_caches(model: Any) -> list:
+    return list({id(m.cache): m.cache for m in model.modules()
+                 if isinstance(m, GGUFLinear) and m.cache is not None}.values())
+
+
 class Trainer:
     """Trains on ``examples`` except the last ``config.holdout`` (the caller shuffles), which
     are scored after every epoch; with a holdout, training stops after PATIENCE epochs without
@@ -144,7 +174,8 @@ class Trainer:
         self.n_train = len(self.examples) - config.holdout
         self.val_losses: list[float] = []
         self.best: tuple[float, dict] | None = None
-        self.reft = TrainableReft(config.specs(), n_embd, config.seed)
+        self.device = prefix.model_device(model)
+        self.reft = TrainableReft(config.specs(), n_embd, config.seed).to(self.device)
         self.first_layer = min(config.layers)
         self.opt = torch.optim.AdamW(self.reft.parameters(), lr=config.lr, weight_decay=0.0)
         per_epoch = self.per_epoch = math.ceil(self.n_train / config.batch_size)
@@ -153,6 +184,11 @@ class Trainer:
         self.step, self.losses = 0, []
         self.ckpt = Path(checkpoint_dir) if checkpoint_dir else None
         self.cache: prefix.PrefixCache | None = None
+        # the config sizes the backbone's weights cache (it is the one place that says how much)
+        mb = config.weights_cache_mb
+        budget = auto_weights_cache(model, self.first_layer) if mb is None else mb << 20
+        for c in _weight_caches(model):
+            c.budget = budget
 
     # ---- one batch ---------------------------------------------------------------
     def _masks(self, rows: Sequence[tuple[int, int, int]], width: int) -> list[torch.Tensor]:
@@ -164,7 +200,7 @@ class Trainer:
                 pos = np.arange(start, start + length)
                 hit = np.ones(length, bool) if s.rule.all else np.isin(pos, s.rule.select(n))
                 m[i, :length] = torch.from_numpy(hit)
-            masks.append(m)
+            masks.append(m.to(self.device))
         return masks
 
     def batch_loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
@@ -179,7 +215,7 @@ class Trainer:
             else:
                 rows = [(len(e.prompt), 0, len(e.tokens)) for e in exs]
                 hooks.masks = self._masks(rows, max(r[2] for r in rows))
-                ids, mask = prefix.pad_batch([e.tokens for e in exs])
+                ids, mask = prefix.pad_batch([e.tokens for e in exs], self.device)
                 hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         picked, targets = [], []
         for i, (e, (n, start, _)) in enumerate(zip(exs, rows)):
@@ -187,7 +223,7 @@ class Trainer:
             picked.append(hidden[i, r0:r0 + len(e.target)])
             targets.extend(e.target)
         out = logits(self.model, torch.cat(picked))
-        loss = torch.nn.functional.cross_entropy(out, torch.tensor(targets), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor(targets, device=out.device), reduction="sum")
         return loss, len(targets)
 
     # ---- the loop -----------------------------------------------------------------
@@ -199,6 +235,10 @@ class Trainer:
                 (self.ckpt / "prefix").mkdir(parents=True, exist_ok=True)
             prefix.build(self.model, self.examples, self.first_layer, self.reft.first_edited, self.cache,
                          batch=self.config.batch_size, progress=progress)
+            # the weights cache keeps what came first: the prefix pass's (every block from 0);
+            # the steps need only the blocks from the first edited one, and the head
+            for c in _weight_caches(self.model):
+                c.reset()
 
     def batches(self) -> list[np.ndarray]:
         return batches(self.n_train, self.config)[:self.total]
@@ -275,13 +315,13 @@ class Trainer:
         from safetensors.torch import save_file
         assert self.ckpt is not None
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{k}": v.detach().clone() for k, v in self.reft.state_dict().items()}
+        tensors = {f"param.{k}": v.detach().cpu().clone() for k, v in self.reft.state_dict().items()}
         opt = self.opt.state_dict()
         for pid, st in opt["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{pid}.{k}"] = v.detach().clone().reshape(v.shape)
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().clone().reshape(v.shape)
         if self.best is not None:
-            tensors.update({f"best.{k}": v for k, v in self.best[1].items()})
+            tensors.update({f"best.{k}": v.cpu() for k, v in self.best[1].items()})
         meta = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
                 "val_losses": self.val_losses, "best_loss": self.best[0] if self.best else None,
                 "param_groups": opt["param_groups"], "n_examples": len(self.examples)}
@@ -302,7 +342,7 @@ class Trainer:
         if saved != now or meta["n_examples"] != len(self.examples):
             raise ReftError(f"{self.ckpt}: the checkpoint was made with other settings or data "
                             f"({saved}, {meta['n_examples']} examples); start afresh or match them")
-        t = load_file(self.ckpt / "state.safetensors")
+        t = load_file(self.ckpt / "state.safetensors", device=str(self.device))
         self.reft.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
         self.val_losses = meta.get("val_losses", [])
         if meta.get("best_loss") is not None:

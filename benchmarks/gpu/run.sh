@@ -19,21 +19,16 @@
 #   bash benchmarks/gpu/run.sh wait N      # wait up to N s; copies logs and reports to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-JOB=/tmp/gpujob
+JOB=/tmp/gpujob LOG=gpu_log.txt
 REPO=$(pwd)
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+source benchmarks/gpu/job.sh
 case "${1:-start}" in
-start)
-  mkdir -p $JOB
-  setsid nohup bash benchmarks/gpu/run.sh job > $JOB/log 2>&1 < /dev/null &
-  exec bash benchmarks/gpu/run.sh wait "${2:-540}" ;;
+start) job_start benchmarks/gpu/run.sh "${2:-540}" ;;
 part2)
   mkdir -p /tmp/smolparts && cp .gpu2/smol.part* /tmp/smolparts/ && touch /tmp/smolparts/done
-  exec bash benchmarks/gpu/run.sh wait "${2:-540}" ;;
-wait)
-  for _ in $(seq "${2:-540}"); do [ -e $JOB/done ] && break; sleep 1; done
-  cp $JOB/log "${OUT:-/tmp}/gpu_log.txt" 2>/dev/null; cp $JOB/report-*.txt "${OUT:-/tmp}/" 2>/dev/null
-  tail -c 9000 $JOB/log; [ -e $JOB/done ] && echo "JOB DONE: $(cat $JOB/done)" || echo "JOB STILL RUNNING" ;;
+  job_wait "${2:-540}" ;;
+wait) job_wait "${2:-540}" ;;
 job)
   trap 'echo "exit $?" > $JOB/done' EXIT
   # the image's CC/CXX wrappers link libstdc++ statically; programs built so

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("what", nargs="*", help=f"for clear: {', '.join(KINDS)} or all (everything but patches)")
     a = ap.parse_args(argv)
     from edge_reft.errors import ReftError
-    from edge_reft.files import locked, tree_bytes
+    from edge_reft.files import is_lock_file, lock_file, locked, tree_bytes
     from edge_reft.models import cache_dir
     root = cache_dir()
     if a.action == "list":
@@ -46,9 +46,9 @@ def main(argv: list[str]) -> int:
             continue
         freed = 0
         for e in sorted(d.iterdir()):
-            if e.name.startswith(".") and e.name.endswith(".lock"):
+            if is_lock_file(e):
                 continue
-            lock = d / f".{e.name}.lock"
+            lock = lock_file(e)
             with locked(lock):  # never under a run that is writing it
                 freed += tree_bytes(e)
                 shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()

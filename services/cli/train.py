@@ -11,11 +11,13 @@ PRESETS = {
     "style": ("tone, format, a signature, a persona (the default)", {}),
     "classify": ("a label or a short answer as the first token (one block, the last prompt token)",
                  {"layers": "mid", "positions": "l1", "epochs": 3, "lr": 2e-3}),
+    "facts": ("facts the model should know (rank 8, the first and last three prompt tokens)",
+              {"rank": 8, "positions": "f3+l3"}),
 }
 
 
 def parser() -> argparse.ArgumentParser:
-    from edge_reft.train.trainer import DEFAULT_LR
+    from edge_reft.train.trainer import AUTO_WEIGHTS_CACHE, DEFAULT_LR
 
     from .common import add_model, layer_list, verb_parser
     ap = verb_parser("train", __doc__, "edge-reft train -m model.gguf --data me.jsonl --out me.reft")
@@ -44,11 +46,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
     ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
                     help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                    help="where training computes: auto picks CUDA, then Apple's MPS, then the CPU")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="run every step over the whole sequence and model (slower; same result)")
-    ap.add_argument("--weights-cache-mb", type=int, default=1024,
+    ap.add_argument("--weights-cache-mb", type=int, default=None,
                     help="MiB of dequantized GGUF weights kept between steps; past it a layer is "
-                         "dequantized at each use (less memory, slower; default 1024)")
+                         f"dequantized at each use (less memory, slower; default: everything the steps "
+                         f"use when that is at most {AUTO_WEIGHTS_CACHE >> 20}, else 0)")
     ap.add_argument("--prefix-cache-mb", type=int, default=1024,
                     help="MiB of cached prefixes kept in memory; the rest go to disk (default 1024)")
     ap.add_argument("--name", default="", help="the patch's name (stored in the file)")
@@ -91,7 +96,7 @@ def main(argv: list[str]) -> int:
     try:
         patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, evaluate=evaluate, resume=a.resume,
                       name=a.name, description=a.description, force=a.force,
-                      inputs=(a.eval_data,) if a.eval_data else ())
+                      inputs=(a.eval_data,) if a.eval_data else (), device=a.device)
     except KeyboardInterrupt:
         from pathlib import Path
         if (Path(f"{a.out}.ckpt") / "state.json").is_file():

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = (1 << 63) - 1
+MAX_STACK = 16          # patches one request may stack (model "BASE+a+b..." or a "patch" list)
 MIN_TEMPERATURE = 1e-6  # below it, sampling is greedy in all but name; 0 asks for greedy itself
 
 
@@ -95,6 +96,13 @@ class _Common(_Strict):
     user: str | None = Field(None, max_length=256)     # the caller's end-user id; no effect
     patch: str | list[str] | None = Field(None, description="patch name(s) in the server's patch folder")
 
+    @field_validator("patch")
+    @classmethod
+    def _few_patches(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STACK:
+            raise ValueError(f"patch: {len(v)} patches stacked, at most {MAX_STACK}")
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _finite_and_unicode(cls, data: Any) -> Any:
@@ -172,8 +180,11 @@ def patch_names(req: _Common, base_id: str) -> tuple[list[str], bool]:
     both may be given only if they agree.  ``"model": "BASE"`` (or none) is no patch."""
     from_model: list[str] = []
     if req.model and req.model != base_id:
-        parts = req.model.split("+")
+        parts = req.model.split("+", MAX_STACK + 1)
         from_model = parts[1:] if parts[0] == base_id else parts
+        if len(from_model) > MAX_STACK:
+            raise ValueError(f"model {req.model!r:.80}: {req.model.count('+') + (parts[0] != base_id)} "
+                             f"patches stacked, at most {MAX_STACK}")
     given = [req.patch] if isinstance(req.patch, str) else list(req.patch or [])
     if from_model and given and from_model != given:
         raise ValueError(f"model {req.model!r:.80} and patch {req.patch!r:.80} name different patches; give one")

@@ -140,6 +140,14 @@ class PatchStore:
             return sets[0]
         return self.bind([p for s in sets for p in s.patches])
 
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a patch a client may ask for (the rule ``names`` lists by)."""
+        try:
+            self._stat(name)
+        except ReftError:
+            return False
+        return True
+
     def names(self, allowed=None) -> list[str]:
         """Names a client may ask for: regular ``.reft`` files that resolve inside the folder
         (no symlink out of it, no FIFO), filtered by ``allowed(name)`` when given."""
@@ -149,13 +157,8 @@ class PatchStore:
                 name = entry.name[:-len(PATCH_SUFFIX)]
                 if not entry.name.endswith(PATCH_SUFFIX) or not NAME.match(name):
                     continue
-                if allowed is not None and not allowed(name):
-                    continue
-                try:
-                    self._stat(name)
-                except ReftError:
-                    continue
-                out.append(name)
+                if (allowed is None or allowed(name)) and self.exists(name):
+                    out.append(name)
         return sorted(out)
 
     def __len__(self) -> int:

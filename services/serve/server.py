@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 import uuid
@@ -31,11 +30,11 @@ from starlette.requests import Request  # module level, as the bodies: FastAPI r
 from edge_reft.runtime.edits import EMPTY
 
 from .access import EVERYTHING, AccessKeys, Grant
+from .middleware import MAX_BODY, AccessLog, BodyLimit, error_response, error_body
 from .api import ChatRequest, CompletionRequest, patch_names  # module level: FastAPI resolves annotations
 from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore, PatchUnreadable
 from .pool import ClientGone, EnginePool, Job, QueueFull, job_events, race, until_disconnect
 
-MAX_BODY = 1 << 20
 
 
 class ModelNotFound(ReftError):
@@ -83,13 +82,13 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return _error(422, _validation_message(exc.errors()), "invalid_request",
-                      _validation_field(exc.errors()))
+        return error_response(422, _validation_message(exc.errors()), "invalid_request",
+                              _validation_field(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         code = "unauthorized" if exc.status_code == 401 else "not_found" if exc.status_code == 404 else "http_error"
-        return _error(exc.status_code, str(exc.detail), code, headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), code, headers=exc.headers)
 
     def grant_of(request: Request) -> Grant:
         if keys is None:
@@ -126,7 +125,7 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
         grant = grant_of(request)
         if name == model_id:
             return model_card(None, await asyncio.to_thread(store.names, grant.allows))
-        if grant.allows(name) and name in await asyncio.to_thread(store.names, grant.allows):
+        if grant.allows(name) and await asyncio.to_thread(store.exists, name):
             return model_card(name)
         raise ModelNotFound(f"model {name!r:.80}: no such model; GET /v1/models lists them")
 
@@ -146,11 +145,11 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
         grant = grant_of(request)
         bad = req.unsupported()
         if bad:
-            return _error(400, bad[1], "unsupported_parameter", bad[0])
+            return error_response(400, bad[1], "unsupported_parameter", bad[0])
         try:
             names, by_model = patch_names(req, model_id)
         except ValueError as e:
-            return _error(400, str(e), "invalid_request", "model")
+            return error_response(400, str(e), "invalid_request", "model")
         pset = EMPTY
         try:
             for name in names:
@@ -190,9 +189,9 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
         except ClientGone:
             if job is not None:
                 job.cancel()
-            return _error(499, "the client closed the request", "client_closed")
+            return error_response(499, "the client closed the request", "client_closed")
         except QueueFull as e:
-            return _error(503, str(e), "overloaded", headers={"Retry-After": "1"})
+            return error_response(503, str(e), "overloaded", headers={"Retry-After": "1"})
         finally:
             if not streaming:
                 gone.cancel()
@@ -214,7 +213,7 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
                         yield _sse({**_chunk(kind, rid, echo, "", None, False), "choices": [],
                                     "usage": _usage(value)})
                 else:
-                    yield _sse(_error_body(_public(value), "server_error", "internal_error"))
+                    yield _sse(error_body(_public(value), "server_error", "internal_error"))
             yield "data: [DONE]\n\n"
         except ClientGone:
             return
@@ -229,113 +228,31 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
     def _failure(exc: BaseException):
         if isinstance(exc, ReftError):
             return _reft_error(exc, _public(exc))
-        return _error(500, f"internal error ({type(exc).__name__})", "internal_error")
+        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
 
     return app
-
-
-class BodyLimit:
-    """Pure ASGI: reads a POST body up to ``max_body`` bytes (413 beyond, whatever
-    Content-Length claims) and replays it, then passes ``receive`` through untouched so
-    handlers can watch for the client's disconnect."""
-
-    def __init__(self, app, max_body: int = MAX_BODY):
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        size = dict(scope["headers"]).get(b"content-length")
-        if size is not None and (not size.isdigit() or int(size) > self.max_body):
-            shown = size.decode("latin-1")[:32]
-            return await _error(413, f"request body of {shown} bytes exceeds the limit of {self.max_body}",
-                                "too_large")(scope, receive, send)
-        body, more = b"", True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-            if len(body) > self.max_body:
-                return await _error(413, f"request body exceeds the limit of {self.max_body} bytes",
-                                    "too_large")(scope, receive, send)
-        replay = [{"type": "http.request", "body": body, "more_body": False}]
-        # every POST body is JSON: curl -d sends a form content type, which FastAPI would not parse
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                 + [(b"content-type", b"application/json")]}
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-        return await self.app(scope, replayed, send)
-
-
-# OpenAI's error types by status; ``code`` says more (edge-reft's own names)
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 499: "invalid_request_error", 503: "overloaded_error"}
-
-
-def _error_body(message: str, kind: str, code: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _error(status: int, message: str, code: str, param: str | None = None,
-           headers: dict[str, str] | None = None):
-    """The one error shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}``,
-    rendered as ASCII JSON so no text a client sent (a lone surrogate, say) can make the
-    error itself fail."""
-    from fastapi.responses import Response
-    err = _error_body(message, _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      code, param)
-    body = json.dumps(err, ensure_ascii=True, allow_nan=False, default=str)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _reft_error(exc: ReftError, message: str | None = None):
     msg = str(exc) if message is None else message
     if isinstance(exc, ModelNotFound):
-        return _error(404, msg, "model_not_found", "model")
+        return error_response(404, msg, "model_not_found", "model")
     if isinstance(exc, PatchNotFound):
-        return _error(404, msg, "patch_not_found", "patch")
+        return error_response(404, msg, "patch_not_found", "patch")
     if isinstance(exc, PatchNameError):
-        return _error(400, msg, "invalid_patch_name")
+        return error_response(400, msg, "invalid_patch_name")
     if isinstance(exc, PatchOutsideFolder):
-        return _error(403, msg, "patch_outside_folder")
+        return error_response(403, msg, "patch_outside_folder")
     if isinstance(exc, PatchUnreadable):
-        return _error(422, msg, "invalid_patch", "file")
+        return error_response(422, msg, "invalid_patch", "file")
     if isinstance(exc, QueueFull):
-        return _error(503, msg, "overloaded", headers={"Retry-After": "1"})
+        return error_response(503, msg, "overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, ReftFormatError):
         field = exc.problems[0].split(":")[0] if exc.problems else None
-        return _error(422, msg, "invalid_patch", field)
+        return error_response(422, msg, "invalid_patch", field)
     if isinstance(exc, PatchMismatchError):
-        return _error(422, msg, "patch_for_another_model")
-    return _error(400, msg, "invalid_request")
-
-
-class AccessLog:
-    """Pure ASGI: one line per request on stderr (client, method, path, status, seconds)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [0]
-
-        async def sent(msg):
-            if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
-            await send(msg)
-        try:
-            await self.app(scope, receive, sent)
-        finally:
-            client = (scope.get("client") or ("-",))[0]
-            path = scope.get("path", "")[:200].encode("ascii", "backslashreplace").decode()
-            print(f"[edge-reft] {client} {scope.get('method')} {path} {status[0] or '-'} "
-                  f"{time.perf_counter() - t0:.3f}s", file=sys.stderr, flush=True)
+        return error_response(422, msg, "patch_for_another_model")
+    return error_response(400, msg, "invalid_request")
 
 
 def _validation_field(errors) -> str | None:
