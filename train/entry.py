@@ -64,8 +64,7 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         print(f"[train] {len(examples)} examples{held}; layers {','.join(map(str, config.layers))} of "
               f"{model.n_layer}, positions {config.positions}, rank {config.rank}, {config.epochs} epochs, "
               f"lr {config.lr:g}, batch {config.batch_size}, on {device}", file=sys.stderr, flush=True)
-    cache_mb = config.weights_cache_mb if config.weights_cache_mb is not None else 1024  # the Trainer sizes it
-    bb = backbone or load_backbone(base, kind, cache_mb=cache_mb, device=device)
+    bb = backbone or load_backbone(base, kind, device=device)  # the Trainer sizes its weights cache
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
     if resume:
         trainer.load_checkpoint()

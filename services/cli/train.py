@@ -17,6 +17,7 @@ PRESETS = {
 
 
 def parser() -> argparse.ArgumentParser:
+    from edge_reft.train.backbone import DEVICES
     from edge_reft.train.trainer import AUTO_WEIGHTS_CACHE, DEFAULT_LR
 
     from .common import add_model, layer_list, verb_parser
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
     ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
                     help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+    ap.add_argument("--device", choices=DEVICES, default="auto",
                     help="where training computes: auto picks CUDA, then Apple's MPS, then the CPU")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="run every step over the whole sequence and model (slower; same result)")
