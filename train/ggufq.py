@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import kquants
 
@@ -109,14 +110,19 @@ CHUNK_BYTES = 32 << 20  # float32 bytes of one slice of rows dequantized at a ti
 
 
 class _OnTheFly(torch.autograd.Function):
-    """y = x W^T with W dequantized a slice of rows at a time, in the forward and again in
+    """y = x W^T + b with W dequantized a slice of rows at a time, in the forward and again in
     the backward: neither the whole float32 matrix (a 128k-vocabulary head is 1 GB) nor any
-    slice of it is ever kept."""
+    slice of it is ever kept.  The bias (frozen) goes into each slice's GEMM, as
+    ``F.linear`` adds it (a separate add rounds differently)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, owner: "GGUFLinear") -> torch.Tensor:
         ctx.owner = owner
-        return torch.cat([x @ w.T for w in owner.slices()], dim=-1)
+        outs, start, b = [], 0, owner.bias
+        for w in owner.slices():
+            outs.append(F.linear(x, w, None if b is None else b[start:start + w.shape[0]]))
+            start += w.shape[0]
+        return torch.cat(outs, dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -156,8 +162,8 @@ class GGUFLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.cache.lookup(self) if self.cache is not None else None
-        y = x @ w.T if w is not None else _OnTheFly.apply(x, self)
-        return y if self.bias is None else y + self.bias
+        # F.linear: bit for bit what transformers' nn.Linear computes (its bias inside the GEMM)
+        return F.linear(x, w, self.bias) if w is not None else _OnTheFly.apply(x, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, ggml_type={self.qtype}"
