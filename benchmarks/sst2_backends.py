@@ -24,25 +24,13 @@ from pathlib import Path
 from common import table
 
 
-def answers(model, patch_path: str | None, records) -> list[str]:
-    from sst2_scoring import _label_ids
-
-    from edge_reft.runtime import Engine
-    with Engine(model, n_ctx=1024) as e:
-        patch = e.load_patch(patch_path) if patch_path else None
-        neg, pos = _label_ids(e.prompter())
-        out = []
-        for r in records:
-            last = e.logits(e.prompt_tokens(r["prompt"]), patch, last_only=True)[-1]
-            out.append("positive" if last[pos] > last[neg] else "negative")
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,int8,int4")
     a = ap.parse_args()
+    from sst2_scoring import answers
+
     from edge_reft.converters.onnx_export import export_onnx
     from edge_reft.models import cache_dir, default_model
     from edge_reft.tasks import sst2_records, write_jsonl
@@ -67,7 +55,7 @@ def main() -> None:
     for label, model in runtimes:
         got = {}
         for which, patch in (("base", None), ("patch", str(out))):
-            got[which] = answers(model, patch, test)
+            got[which] = answers(patch, test, str(model))
             anchor.setdefault(which, got[which])
         acc = {k: sum(x == y for x, y in zip(v, truth)) / len(truth) for k, v in got.items()}
         same = sum(x == y for x, y in zip(got["patch"], anchor["patch"])) / len(truth)

@@ -15,17 +15,23 @@ def _label_ids(prompter) -> tuple[int, int]:
     return neg, pos
 
 
-def score(patch_path: str | None, records: Sequence[dict], model: str | None = None) -> float:
+def answers(patch_path: str | None, records: Sequence[dict], model: str | None = None) -> list[str]:
+    """The likelier label per record, through ``model`` (a GGUF, or an export-onnx folder)."""
     from edge_reft.models import default_model
     from edge_reft.runtime import Engine
     with Engine(model or default_model(), n_ctx=1024) as e:
         patch = e.load_patch(patch_path) if patch_path else None
         neg, pos = _label_ids(e.prompter())
-        hits = 0
+        out = []
         for r in records:
             last = e.logits(e.prompt_tokens(r["prompt"]), patch, last_only=True)[-1]
-            hits += ("positive" if last[pos] > last[neg] else "negative") == r["response"]
-    return hits / len(records)
+            out.append("positive" if last[pos] > last[neg] else "negative")
+    return out
+
+
+def score(patch_path: str | None, records: Sequence[dict], model: str | None = None) -> float:
+    got = answers(patch_path, records, model)
+    return sum(a == r["response"] for a, r in zip(got, records)) / len(records)
 
 
 def score_torch(model: Any, prompter, patch, records: Sequence[dict]) -> float:

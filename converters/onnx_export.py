@@ -247,13 +247,13 @@ def _insert_loreft(path: Path, layers: Sequence[int], slots: int, rank: int, d: 
     m = onnx.load(str(path), load_external_data=False)
     g = m.graph
     by_name = {n.name: n for n in g.node}
-    final = by_name.get(f"/model/layers.{n_layer}/final_norm_layernorm/SkipLayerNorm")
+    final_name = f"/model/layers.{n_layer}/final_norm_layernorm/SkipLayerNorm"
+    final = by_name.get(final_name)
     if final is None:
         raise BackendError("no final norm in the builder's graph: it is not laid out like its llama graphs")
     new_inputs, sites, switches = [], [], {}
     for L in layers:
-        target = (f"/model/layers.{L + 1}/input_layernorm/SkipLayerNorm" if L + 1 < n_layer
-                  else f"/model/layers.{n_layer}/final_norm_layernorm/SkipLayerNorm")
+        target = f"/model/layers.{L + 1}/input_layernorm/SkipLayerNorm" if L + 1 < n_layer else final_name
         norm = by_name.get(target)
         if norm is None or norm.op_type != "SkipSimplifiedLayerNormalization":
             raise BackendError(f"no fused norm {target!r} reads the residual stream after block {L}; "

@@ -138,3 +138,21 @@ def test_gemma3_270m_exports_with_its_two_rope_bases(gemma3_q4):
     # ORT's and torch's float32 kernels differ by ~1.3e-3 on this model's 262k logits without any
     # patch; the patch adds nothing beyond that (measured 1.37e-3 patched, 1.26e-3 without)
     assert moved > 0.5 and gap < 2e-3 and err < gap + 5e-4, (err, gap, moved)
+
+
+def test_a_gemma3_with_scaled_rope_is_refused(tmp_path):
+    """Gemma 3 4B and up scale the global layers' RoPE (linear, factor 8); the builder would
+    scale the sliding-window layers too.  transformers 5 writes the config per layer type."""
+    import json
+
+    from edge_reft.converters.onnx_export import _builder_input
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    (hf / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "rope_parameters": rope}))
+    with pytest.raises(ReftError, match="gemma3_text with RoPE scaling cannot be exported"):
+        _builder_input(hf, tmp_path / "tmp")
+    rope["full_attention"] = {"rope_type": "default", "rope_theta": 1e6}  # the 270M and 1B: no view needed
+    (hf / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "rope_parameters": rope}))
+    assert _builder_input(hf, tmp_path / "tmp") == hf

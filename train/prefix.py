@@ -127,6 +127,13 @@ def build(model: Any, examples: Sequence[Example], first_layer: int, first_edite
         progress(len(chunk))
 
 
+def room(model: Any, otherwise: int) -> int:
+    """Bytes a cache or a step may take: half the free memory of the model's CUDA device, or
+    ``otherwise`` (CPU, MPS: no free-memory figure worth trusting)."""
+    device = model_device(model)
+    return torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else otherwise
+
+
 def model_device(model: Any) -> torch.device:
     """Where the backbone computes (its buffers and parameters all live on one device)."""
     for t in model.buffers():

@@ -43,13 +43,10 @@ def auto_recompute(model: Any, first_layer: int, lengths: Sequence[int], batch_s
     """On when the largest batch's activations (the ``batch_size`` longest of ``lengths``, the
     positions each example runs through the trained blocks) would pass AUTO_BUDGET, or half the
     free memory of a CUDA device."""
-    from .prefix import model_device
+    from .prefix import room
     cfg = model.config.get_text_config()
     tokens = sum(sorted(lengths, reverse=True)[:batch_size])
-    need = activation_bytes(cfg, cfg.num_hidden_layers - first_layer, tokens)
-    device = model_device(model)
-    room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else AUTO_BUDGET
-    return need > room
+    return activation_bytes(cfg, cfg.num_hidden_layers - first_layer, tokens) > room(model, AUTO_BUDGET)
 
 
 class Recomputed(torch.nn.Module):

@@ -148,9 +148,7 @@ def auto_weights_cache(model: Any, first_layer: int) -> int:
     if isinstance(head, GGUFLinear):
         used[id(head)] = 4 * head.out_features * head.in_features
     need = sum(used.values())
-    device = prefix.model_device(model)
-    room = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else AUTO_WEIGHTS_CACHE
-    return need if need <= room else 0
+    return need if need <= prefix.room(model, AUTO_WEIGHTS_CACHE) else 0
 
 
 def _weight_caches(model: Any) -> list:
