@@ -1,36 +1,95 @@
-"""A load test of `edge-reft serve`: many clients, many patches, no leaks.
+"""Serving at scale: `edge-reft serve` against llama.cpp's own server, side by side.
 
-    python benchmarks/serve_load.py [--requests 200] [--rounds 4] [--clients 8] [--workers 2]
+    python benchmarks/serve_load.py [--clients 8,32] [--requests 96] [--max-tokens 32] [--rounds 2]
+    python benchmarks/serve_load.py --many 1000 --many-requests 2000   # the 1,000-patch run
 
-A real server on 127.0.0.1 (bounded: a fixed number of requests, each with
-a timeout).  Two phases: every request with no patch, and the same prompts
-with 4 different patches and none, mixed.  They alternate in rounds (ABBA,
-``--requests`` per phase in all), so drift hits both alike.  Every greedy
-answer is compared with the same request run alone (a cross-user leak would
-differ); errors, p50/p95 latency and throughput are printed, and the mixed
-phase's throughput relative to the no-patch phase.
+Real servers on 127.0.0.1, all started before the first request and left idle
+while another is measured, the same model (the embedded SmolLM2 Q4_1), the same
+chat requests, greedy:
+
+- llama-server: llama.cpp's own server built from the pinned llama-cpp-python
+  sdist (benchmarks/llama_server.py), ``-np C -cb``, no patches: the anchor;
+- edge-reft, no patches: ``--slots C``;
+- edge-reft, mixed: ``--slots C``, every request a different patch (l1, f1+l1 and
+  all-positions patches in turn);
+- edge-reft, per-context pool: ``--slots 1 --workers 2`` (how `serve` ran before
+  batching: a context per request), every request a different patch.
+
+For each number of concurrent clients C the four run in interleaved rounds
+(ABCD, DCBA, ...).  Every edge-reft answer is compared with the same request run
+alone on a fresh one-sequence engine (cache off); a cross-user leak differs.
+With ``--many N`` one server holds N distinct patches and takes
+``--many-requests`` requests from 32 clients: errors, leaks, throughput,
+latency and the server's RSS at the end.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from common import table
 
 PROMPTS = ["Name a fruit.", "What is the capital of Italy?", "Say something kind.", "Count to three.",
            "Give me a colour.", "What do cats eat?", "Describe rain in a few words.", "Name a planet."]
+SPECS = [(15, "l1", 4), (10, "f1+l1", 4), (20, "all", 2), (12, "l1", 4), (5, "f2+l2", 4)]
 
 
-async def phase(url: str, jobs: list[tuple[str, str | None]], clients: int, max_tokens: int):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def edge_server(model: str, folder: Path, *args: str):
+    """`edge-reft serve` as its own process; yields (url, pid)."""
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_reft", "serve", model, "--patches", str(folder),
+                             "--port", str(port), "--ctx", "512", "--quiet", "--queue", "4096", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"edge-reft serve {' '.join(args)} did not start: "
+                                 f"{proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("VmRSS:"))) / 1024
+
+
+async def load(url: str, jobs: list[tuple[str, str | None]], clients: int, max_tokens: int):
+    """Every job as a chat request, ``clients`` at a time: [(ok, text, seconds, tokens)], wall."""
     import httpx
     sem = asyncio.Semaphore(clients)
     out: list = [None] * len(jobs)
-    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         async def one(i: int, prompt: str, patch: str | None):
             body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                     "temperature": 0}
@@ -41,70 +100,123 @@ async def phase(url: str, jobs: list[tuple[str, str | None]], clients: int, max_
                 r = await c.post("/v1/chat/completions", json=body)
                 dt = time.perf_counter() - t
             ok = r.status_code == 200
-            out[i] = (ok, r.json()["choices"][0]["message"]["content"] if ok else r.text, dt,
-                      r.json()["usage"]["completion_tokens"] if ok else 0)
+            j = r.json() if ok else None
+            out[i] = (ok, j["choices"][0]["message"]["content"] if ok else r.text[:200], dt,
+                      j["usage"]["completion_tokens"] if ok else 0)
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(jobs)))
         return out, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--state-cache-mb", type=float, default=64.0, help="per worker (0: no saved states)")
-    a = ap.parse_args()
-    from edge_reft.models import default_model
+def make_patches(base, folder: Path, n: int) -> list[str]:
     from edge_reft.patch import random_patch
     from edge_reft.reftfile import save_patch
-    from edge_reft.runtime import Engine
-    from edge_reft.services.serve.server import running_server
+    names = []
+    for i in range(n):
+        name = f"user{i:04d}"
+        save_patch(random_patch(base, [SPECS[i % len(SPECS)]], scale=8.0, seed=1000 + i), folder / f"{name}.reft")
+        names.append(name)
+    return names
 
+
+def expected(model: str, folder: Path, jobs: set[tuple[str, str | None]], max_tokens: int) -> dict:
+    """Each (prompt, patch) run alone on a fresh one-sequence engine, cache off."""
+    from edge_reft.runtime import Engine
+    with Engine(model, n_ctx=512) as solo:
+        return {(p, n): solo.generate(p, patch=folder / f"{n}.reft" if n else None, max_tokens=max_tokens,
+                                      stream=False, cache="off").text for p, n in sorted(jobs, key=str)}
+
+
+def summarize(label: str, done: list, wall: float, want: dict | None) -> list:
+    errors = sum(not ok for _, (ok, *_) in done)
+    leaks = "-" if want is None else sum(ok and text != want[j] for j, (ok, text, *_) in done)
+    lat = sorted(dt for _, (_, _, dt, _) in done)
+    tokens = sum(n for _, (*_, n) in done)
+    return [label, len(done), errors, leaks, statistics.median(lat) * 1e3, lat[int(0.95 * (len(lat) - 1))] * 1e3,
+            len(done) / wall, tokens / wall]
+
+
+# edge-reft's engine runs attention without flash attention on a CPU (its rounding matches the
+# reference); llama-server's default (auto) would turn it on.  The same kernels for both:
+LLAMA_EXTRA = ("--flash-attn", "off")
+HEAD = ["server", "requests", "errors", "leaks", "p50 ms", "p95 ms", "req/s", "tokens/s"]
+
+
+def compare(a, model: str, folder: Path, names: list[str]) -> None:
+    import llama_server
+    from edge_reft.runtime.llamacpp.repack import choose_repack
+    repack = choose_repack(None)[0]
+    for clients in a.clients:
+        plain = [(PROMPTS[i % len(PROMPTS)], None) for i in range(a.requests)]
+        mixed = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(a.requests)]
+        want = expected(model, folder, set(plain) | set(mixed), a.max_tokens)
+        with ExitStack() as stack:
+            anchor = stack.enter_context(llama_server.start(model, clients, ctx_per_slot=512, repack=repack,
+                                                            extra=LLAMA_EXTRA))
+            servers = {
+                "llama-server -np C -cb": (anchor, plain, None),
+                "edge-reft, no patches": (stack.enter_context(edge_server(model, folder, "--slots", str(clients)))[0],
+                                          plain, want),
+                "edge-reft, a patch each": (stack.enter_context(edge_server(model, folder, "--slots", str(clients)))[0],
+                                            mixed, want),
+                "edge-reft per-context pool, a patch each": (stack.enter_context(edge_server(
+                    model, folder, "--slots", "1", "--workers", "2"))[0], mixed, want),
+            }
+            got = {k: [] for k in servers}
+            wall = dict.fromkeys(servers, 0.0)
+            for url, jobs, _ in servers.values():  # warm-up
+                asyncio.run(load(url, jobs[:clients], clients, 4))
+            per = a.requests // a.rounds
+            for r in range(a.rounds):
+                for label in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    url, jobs, _ = servers[label]
+                    part = jobs[r * per:(r + 1) * per]
+                    res, dt = asyncio.run(load(url, part, clients, a.max_tokens))
+                    got[label] += zip(part, res)
+                    wall[label] += dt
+                print(f"  {clients} clients: round {r + 1}/{a.rounds} done", file=sys.stderr)
+        rows = [summarize(k, got[k], wall[k], servers[k][2]) for k in servers]
+        anchor_tps = rows[0][-1]
+        for row in rows:
+            row.append(row[-1] / anchor_tps)
+        pool_tps = rows[-1][-2]
+        print(table(HEAD + ["x llama-server"], rows,
+                    title=f"\n{clients} concurrent clients, {a.requests} chat requests each, {a.max_tokens} new "
+                          f"tokens at most, greedy, {a.rounds} interleaved rounds; {os.cpu_count()} cores; "
+                          f"{llama_server.note(clients, 512, repack=repack, extra=LLAMA_EXTRA)}"))
+        print(f"edge-reft batched / per-context pool (a patch each): {rows[2][-2] / pool_tps:.2f}x tokens/s")
+
+
+def many(a, model: str, folder: Path, names: list[str]) -> None:
+    jobs = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(a.many_requests)]
+    t = time.perf_counter()
+    want = expected(model, folder, set(jobs), a.max_tokens)
+    print(f"  {len(want)} solo answers in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    with edge_server(model, folder, "--slots", "32") as (url, pid):
+        res, wall = asyncio.run(load(url, jobs, 32, a.max_tokens))
+        rss = rss_mib(pid)
+    row = summarize(f"{len(names)} patches, 32 slots", list(zip(jobs, res)), wall, want)
+    print(table(HEAD + ["RSS MiB"], [row + [rss]],
+                title=f"\n{a.many_requests} chat requests from 32 concurrent clients over {len(names)} distinct "
+                      f"patches (l1, f1+l1, all, l1, f2+l2 in turn), {a.max_tokens} new tokens at most, greedy"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    ap.add_argument("--requests", type=int, default=96, help="per server and number of clients")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--many", type=int, default=0, help="the many-patch run instead: this many patches")
+    ap.add_argument("--many-requests", type=int, default=2000)
+    a = ap.parse_args()
+    from edge_reft.fingerprint import from_gguf
+    from edge_reft.models import default_model
     model = str(default_model())
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    names = ["alice", "bob", "carol", "dave"]
-    with Engine(model, n_ctx=1024) as solo:
-        for i, (name, spec) in enumerate(zip(names, [(15, "l1", 4), (12, "l1", 4), (10, "f1+l1", 4),
-                                                     (20, "all", 2)])):
-            save_patch(random_patch(solo.base, [spec], scale=8.0, seed=i + 1), folder / f"{name}.reft")
-        plain = [(PROMPTS[i % len(PROMPTS)], None) for i in range(a.requests)]
-        mixed = [(PROMPTS[i % len(PROMPTS)], ([None] + names)[i % 5]) for i in range(a.requests)]
-        want = {}
-        for p, n in set(plain) | set(mixed):
-            patch = solo.load_patch(folder / f"{n}.reft") if n else None
-            want[(p, n)] = solo.generate(p, patch=patch, max_tokens=a.max_tokens, stream=False, cache="off").text
-    phases = {"no patch": plain, "4 patches + none, mixed": mixed}
-    got: dict[str, list] = {k: [] for k in phases}
-    wall = dict.fromkeys(phases, 0.0)
-    per = a.requests // a.rounds
-    with running_server(model, folder, workers=a.workers, n_ctx=1024,
-                        state_cache_mb=a.state_cache_mb) as url:
-        asyncio.run(phase(url, plain[:a.clients], a.clients, a.max_tokens))  # warm-up
-        for r in range(a.rounds):
-            for label in (list(phases) if r % 2 == 0 else list(phases)[::-1]):
-                jobs = phases[label][r * per:(r + 1) * per]
-                res, dt = asyncio.run(phase(url, jobs, a.clients, a.max_tokens))
-                got[label] += zip(jobs, res)
-                wall[label] += dt
-            print(f"  round {r + 1}/{a.rounds} done", file=sys.stderr)
-    rows, tput = [], {}
-    for label, done in got.items():
-        errors = sum(not ok for _, (ok, *_) in done)
-        leaks = sum(ok and text != want[j] for j, (ok, text, *_) in done)
-        lat = sorted(dt for _, (*_, dt, _) in done)
-        tokens = sum(n for _, (*_, n) in done)
-        tput[label] = (len(done) / wall[label], tokens / wall[label])
-        rows.append([label, len(done), errors, leaks, statistics.median(lat) * 1e3,
-                     lat[int(0.95 * (len(lat) - 1))] * 1e3, *tput[label]])
-    print(table(["phase", "requests", "errors", "leaks", "p50 ms", "p95 ms", "req/s", "tokens/s"], rows,
-                title=f"\nedge-reft serve on 127.0.0.1: {a.clients} concurrent clients, {a.workers} workers, "
-                      f"{a.max_tokens} new tokens a request, greedy, {a.rounds} interleaved rounds, "
-                      f"saved states {a.state_cache_mb:g} MB a worker"))
-    (rq0, tk0), (rq1, tk1) = tput.values()
-    print(f"\nthroughput with patches / without: {tk1 / tk0:.3f} (tokens/s), {rq1 / rq0:.3f} (requests/s)")
+    names = make_patches(from_gguf(model), folder, a.many or max(a.requests, 8))
+    print(f"$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
+    (many if a.many else compare)(a, model, folder, names)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ offline by name: ``edge-reft run --patch alice``.
 The part file is opened without following a symlink and must be a regular
 file; only http and https are fetched, redirects included; credentials in a
 URL are sent as Basic auth and never shown in a message.
+
+Failures come in two kinds a caller can tell apart: ``DownloadError`` (the source
+could not be fetched: network, HTTP status, deadline, a cut connection; trying again
+later may work) and ``DownloadRefused`` (what arrived is not what was asked for: over
+the size cap, another sha256; trying again fetches the same bytes).  ``fetch`` reads a
+small document (a registry's manifest) under the same rules.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import http.client
 import os
 import re
 import stat
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -35,6 +42,14 @@ from .spec import DEFAULT_MAX_BYTES, PATCH_NAME, PATCH_SUFFIX
 NAME = re.compile(PATCH_NAME)
 SCHEMES = ("http", "https")
 DEFAULT_DEADLINE = 600.0  # seconds for the whole download: a patch is kilobytes
+
+
+class DownloadError(ReftError):
+    """The source could not be fetched (network, HTTP status, deadline, cut connection)."""
+
+
+class DownloadRefused(ReftError):
+    """The bytes fetched are refused: more than the size cap, or not the sha256 asked for."""
 
 
 def patches_dir() -> Path:
@@ -83,7 +98,7 @@ def pull(source: str, sha256: str, name: str | None = None, base: BaseModel | No
         raise ReftError(f"--sha256: {sha256!r} is not 64 hex digits")
     url = _is_url(source)
     if url and urllib.parse.urlsplit(source).scheme.lower() not in SCHEMES:
-        raise ReftError(f"{redact(source)}: only http:// and https:// URLs are fetched")
+        raise DownloadError(f"{redact(source)}: only http:// and https:// URLs are fetched")
     name = default_name(source) if name is None else name
     if not NAME.fullmatch(name):
         raise ReftError(f"--name: {name!r} is not a plain patch name (letters, digits, '_', '-', '.')")
@@ -101,13 +116,29 @@ def pull(source: str, sha256: str, name: str | None = None, base: BaseModel | No
     got = sha256_file(part)
     if got != want:
         part.unlink()
-        raise ReftError(f"{redact(source)}: sha256 is {got}, expected {want}; nothing was kept")
+        raise DownloadRefused(f"{redact(source)}: sha256 is {got}, expected {want}; nothing was kept")
     try:
         load_patch(part, model=base, max_bytes=max_bytes)
     except ReftError:
         part.unlink()
         raise
     return publish(part, final)
+
+
+def fetch(url: str, folder: Path, max_bytes: int, timeout: float = 30.0,
+          deadline: float = DEFAULT_DEADLINE) -> bytes:
+    """The body of an http(s) ``url`` (a small document: a manifest), under a pull's rules
+    (http/https only, redirects too; the size cap; the deadline), spooled through a
+    temporary file in ``folder`` that is always removed."""
+    if urllib.parse.urlsplit(url).scheme.lower() not in SCHEMES:
+        raise DownloadError(f"{redact(url)}: only http:// and https:// URLs are fetched")
+    fd, name = tempfile.mkstemp(prefix=".fetch.", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        _download(url, Path(name), max_bytes, timeout, deadline)
+        return Path(name).read_bytes()
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def _regular(path: Path, nofollow: bool = False) -> bool:
@@ -148,7 +179,7 @@ def _copy(src: Path, part: Path, max_bytes: int, source: str) -> None:
         if size > max_bytes:
             out.close()
             part.unlink()
-            raise ReftError(f"{source}: {size} bytes exceeds the limit of {max_bytes}")
+            raise DownloadRefused(f"{source}: {size} bytes exceeds the limit of {max_bytes}")
         out.write(f.read(max_bytes + 1)[:max_bytes])
 
 
@@ -156,7 +187,7 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
         scheme = urllib.parse.urlsplit(newurl).scheme.lower()
         if scheme not in SCHEMES:
-            raise ReftError(f"{redact(req.full_url)}: redirected to a {scheme or 'relative'}:// URL; "
+            raise DownloadError(f"{redact(req.full_url)}: redirected to a {scheme or 'relative'}:// URL; "
                             "only http:// and https:// are followed")
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and urllib.parse.urlsplit(newurl).hostname != urllib.parse.urlsplit(req.full_url).hostname:
@@ -210,7 +241,7 @@ def _download(url: str, part: Path, max_bytes: int, timeout: float, deadline: fl
     try:
         req = _request(url, have)
     except ValueError as e:
-        raise ReftError(f"{shown}: not a valid URL ({e})") from None
+        raise DownloadError(f"{shown}: not a valid URL ({e})") from None
     sockets: list = []
     expired = threading.Event()
 
@@ -230,7 +261,7 @@ def _download(url: str, part: Path, max_bytes: int, timeout: float, deadline: fl
                                          min(timeout, deadline))
     except ReftError:
         if expired.is_set():
-            raise ReftError(f"{shown}: no answer within the deadline of {deadline:g} s") from None
+            raise DownloadError(f"{shown}: no answer within the deadline of {deadline:g} s") from None
         raise
     finally:
         timer.cancel()
@@ -242,10 +273,10 @@ def _download(url: str, part: Path, max_bytes: int, timeout: float, deadline: fl
                else "the connection was cut before the end")
         if total <= start and start:
             part.unlink(missing_ok=True)
-            raise ReftError(f"{shown}: {why}, at {total}{of} bytes, again with no progress: the "
+            raise DownloadError(f"{shown}: {why}, at {total}{of} bytes, again with no progress: the "
                             "server announces more than it sends (a wrong Content-Length?); the "
                             "partial download was removed")
-        raise ReftError(f"{shown}: {why}, at {total}{of} bytes; run the same pull again to resume it")
+        raise DownloadError(f"{shown}: {why}, at {total}{of} bytes; run the same pull again to resume it")
 
 
 def _fetch(opener: urllib.request.OpenerDirector, req: urllib.request.Request, shown: str, part: Path,
@@ -256,17 +287,17 @@ def _fetch(opener: urllib.request.OpenerDirector, req: urllib.request.Request, s
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the part is already whole
             return None, None, False
-        raise ReftError(f"{shown}: HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{shown}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", None) or type(e).__name__
-        raise ReftError(f"{shown}: cannot download ({str(reason)[:200]})") from None
+        raise DownloadError(f"{shown}: cannot download ({str(reason)[:200]})") from None
     with resp:
         if resp.status != 206:
             have = 0  # the server sent the whole file: start over
         length = resp.headers.get("Content-Length")
         expected = have + int(length) if length is not None and length.isdigit() else None
         if expected is not None and expected > max_bytes:
-            raise ReftError(f"{shown}: {expected} bytes exceeds the limit of {max_bytes}")
+            raise DownloadRefused(f"{shown}: {expected} bytes exceeds the limit of {max_bytes}")
         total, broken = have, False
         with os.fdopen(_open_part(part, append=bool(have)), "wb") as f:
             try:
@@ -275,7 +306,7 @@ def _fetch(opener: urllib.request.OpenerDirector, req: urllib.request.Request, s
                     if total > max_bytes:
                         f.close()
                         part.unlink()
-                        raise ReftError(f"{shown}: more than the limit of {max_bytes} bytes; nothing was kept")
+                        raise DownloadRefused(f"{shown}: more than the limit of {max_bytes} bytes; nothing was kept")
                     f.write(block)
             except (OSError, http.client.HTTPException, ValueError):
                 broken = True  # a dropped connection (or a chunked body cut): what arrived is kept

@@ -39,6 +39,7 @@ class Backend:
     folder: bool                            # it opens a folder (else a file)
     options: tuple[Option, ...] = ()
     aliases: tuple[str, ...] = field(default=())
+    slots: int = 1                          # sequences one engine decodes together by default (serve)
 
     def engine_class(self) -> type:
         module, cls = self.engine.split(":")
@@ -47,7 +48,7 @@ class Backend:
 
 BACKENDS = (
     Backend("llama.cpp", "edge_reft.runtime.llamacpp.engine:LlamaCppEngine", "a .gguf file", folder=False,
-            aliases=("llamacpp",), options=(
+            aliases=("llamacpp",), slots=8, options=(
                 Option("--ngl", "n_gpu_layers", "layers offloaded to the GPU", type=int),
                 Option("--repack", "repack", "CPU weight repacking (default: $EDGE_REFT_REPACK, else "
                        "auto: off where llama.cpp offers AMX, whose repacked matmul crashes in the "
@@ -55,6 +56,10 @@ BACKENDS = (
                 Option("--split-decode", "split_decode", "decode tokens a patch does not edit in a "
                        "second context without the eval callback (auto: when --ngl > 0; costs a "
                        "second KV cache)", choices=tuple(ON_OFF_AUTO), values=ON_OFF_AUTO),
+                Option("--kv-unified", "kv_unified", "serve --slots: one KV stream for all slots (every "
+                       "step one ubatch) instead of one per slot (default off: on a CPU each answer is "
+                       "then bit for bit what it is alone, whatever the batch)",
+                       choices=("on", "off"), values={"on": True, "off": False}),
             )),
     Backend("onnx", "edge_reft.runtime.onnx.engine:OnnxEngine",
             "a folder made by `edge-reft export-onnx`", folder=True, options=(

@@ -55,6 +55,10 @@ class PatchSet:
             for a in (c.rotate, c.delta, c.bias):
                 h.update(a.tobytes())
         self.key = h.hexdigest() if self.interventions else ""
+        # the arrays this set keeps alive (compiled edits and the patches' own tensors, each once)
+        held = {id(a): a for c in self.interventions for a in (c.rotate, c.delta, c.bias)}
+        held.update((id(a), a) for iv in ivs for a in (iv.rotate, iv.weight, iv.bias))
+        self.nbytes = sum(a.nbytes for a in held.values())
 
     def __bool__(self) -> bool:
         return bool(self.interventions)

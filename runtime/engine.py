@@ -31,7 +31,7 @@ from edge_reft.reftfile import load_patch
 
 from .edits import EMPTY, PatchSet
 from .kvstates import SavedStates
-from .sampling import Sampler, SamplingParams, sampling_params
+from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
 
 PatchLike = Patch | str | os.PathLike | PatchSet | None
@@ -117,6 +117,17 @@ class _Cache:
     n_prompt: int = 0
 
 
+@dataclass
+class Segment:
+    """Consecutive tokens of one sequence in a batched forward pass."""
+    seq: int
+    tokens: Sequence[int]
+    start: int                          # position of the first token
+    n_prompt: int
+    pset: PatchSet
+    logits: bool                        # return the logits of the last token
+
+
 class EngineBase:
     base: BaseModel
     n_ctx: int
@@ -126,11 +137,12 @@ class EngineBase:
     # bitwise what a batch recomputation gives.  The llama.cpp gate edits each row alike; an
     # in-graph edit (ONNX MatMul) takes another kernel for one row than for several.
     decode_rows_reusable = True
+    n_seq = 1  # sequences the context holds (slots a batch decodes together)
 
     def __init__(self, state_cache_mb: float = 0.0) -> None:
         self._lock = threading.Lock()
         self._active: tuple[int, Generation] | None = None  # (thread, generation) holding the lock
-        self._cache = _Cache()
+        self._caches = [_Cache()]  # what each sequence's KV holds (one per slot)
         self._states: SavedStates[_Cache] = SavedStates(int(state_cache_mb * (1 << 20)))
         self._patch_cache: dict[tuple[str, int, int], Patch] = {}
 
@@ -158,16 +170,36 @@ class EngineBase:
                  all_logits: bool = False) -> np.ndarray:
         raise NotImplementedError
 
-    def _keep(self, n: int) -> bool:
+    def _keep(self, n: int, seq: int = 0) -> bool:
         raise NotImplementedError
 
-    def _save_state(self) -> Any:
-        """The KV cache's content as an object with len() in bytes, or None (not supported)."""
+    def _save_state(self, seq: int = 0) -> Any:
+        """A sequence's KV cache content as an object with len() in bytes, or None (not supported)."""
         return None
 
-    def _load_state(self, blob: Any) -> bool:
-        """Replace the KV cache's content with a saved one; False if that failed."""
+    def _load_state(self, blob: Any, seq: int = 0) -> bool:
+        """Replace a sequence's KV cache content with a saved one; False if that failed."""
         return False
+
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        """Sequence ``dst`` becomes the first ``n`` positions of sequence ``src``."""
+        raise NotImplementedError
+
+    def _forward_batch(self, segments: Sequence[Segment]) -> list[np.ndarray | None]:
+        """One forward pass over segments of different sequences (at most ``n_ubatch`` tokens
+        in all), each with its own patches; the last logits of each segment that asks.  A
+        backend of one sequence runs the one segment it can be given."""
+        (s,) = segments
+        logits = self._forward(s.tokens, s.start, s.n_prompt, s.pset)
+        return [logits[-1] if s.logits else None]
+
+    @property
+    def _cache(self) -> _Cache:
+        return self._caches[0]
+
+    @_cache.setter
+    def _cache(self, c: _Cache) -> None:
+        self._caches[0] = c
 
     def close(self) -> None:
         pass
@@ -245,18 +277,12 @@ class EngineBase:
         as recomputing (FORMAT.md, "Positions"); "fast" reuses any shared token prefix even
         if the patch's positions moved; "off" recomputes the whole prompt.
         """
-        if cache not in CACHE_MODES:
-            raise ReftError(f"cache: {cache!r}, expected one of {CACHE_MODES}")
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ReftError(f"max_tokens: {max_tokens!r}, expected an integer >= 0")
-        params = sampling_params(temperature, top_p, top_k, seed, **sampling)
-        pset = self.patch_set(patch)
-        toks = list(prompt_tokens) if prompt_tokens is not None else self.prompt_tokens(prompt, messages, raw)
-        if len(toks) + max_tokens > self.n_ctx:
-            raise ReftError(f"the prompt ({len(toks)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                            f"context of {self.n_ctx} tokens; raise n_ctx (--ctx) or shorten the prompt")
+        from .batching import make_request
+        r = make_request(self, prompt, messages=messages, patch=patch, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, raw=raw,
+                         cache=cache, prompt_tokens=prompt_tokens, **sampling)
         gen = Generation(iter(()))
-        gen._it = self._run(gen, toks, pset, params, max_tokens, stop, cache)
+        gen._it = self._run(gen, r.tokens, r.pset, r.sampling, r.max_tokens, r.stop, r.cache)
         return gen if stream else gen.collect()
 
     def _run(self, gen: Generation, toks: list[int], pset: PatchSet, sampling: SamplingParams,
@@ -289,37 +315,51 @@ class EngineBase:
             finally:
                 gen.result = reply.completion(toks, t1 - t0, time.perf_counter() - t1, reused)
 
+    def generate_many(self, requests: Sequence[dict[str, Any]]) -> list[Completion]:
+        """Several generations decoded together, each with its own patches: every dict holds
+        ``generate``'s keywords (``prompt`` or ``messages``, ``patch``, ``max_tokens``,
+        sampling, ``stop``, ``cache``); the Completions come back in order.  An engine opened
+        with ``slots=S`` decodes up to S of them in each forward pass (runtime/batching.py);
+        with one slot they run one after another."""
+        from .batching import generate_many
+        return generate_many(self, requests)
+
     def holds_state(self, key: str) -> bool:
         """Whether this engine holds KV state computed under the PatchSet ``key`` ("" for
         none), live or saved (for schedulers that send a request where its state is)."""
-        return (bool(self._cache.tokens) and self._cache.pset.key == key) or key in self._states
+        return any(c.tokens and c.pset.key == key for c in self._caches) or key in self._states
 
-    def _prefix_to_keep(self, toks: list[int], pset: PatchSet, cache: str) -> int:
-        """Positions of the KV cache the new prompt may keep; cuts the cache there.  Under
-        other patches than the cache's, first saves the cache and restores the state last
-        computed under the new patches, if that shares more (see kvstates)."""
-        c = self._cache
+    def _prefix_to_keep(self, toks: list[int], pset: PatchSet, cache: str, seq: int = 0) -> int:
+        """Positions of sequence ``seq``'s KV cache the new prompt may keep; cuts it there.
+        Under other patches than the cache's, first saves the cache and restores the state
+        last computed under the new patches, if that shares more (see kvstates)."""
+        c = self._caches[seq]
         n = _shared(c, toks, pset, cache)
         if cache != "off" and self._states.limit and c.pset.key != pset.key:
             saved = self._states.take(pset.key)
             if c.tokens:
-                blob = self._save_state()
+                blob = self._save_state(seq)
                 if blob is not None:
                     self._states.put(c.pset.key, c, blob)
             if saved is not None:
                 m = _shared(saved[0], toks, pset, cache)
                 if m <= n:
                     self._states.put(pset.key, *saved)
-                elif self._load_state(saved[1]):
-                    self._cache, n = saved[0], m
+                elif self._load_state(saved[1], seq):
+                    self._caches[seq], n = saved[0], m
                 else:
                     n = 0
-        n = max(0, min(n, len(toks) - MIN_RECOMPUTED))
-        if cache == "exact" and not self.decode_rows_reusable and self._cache.pset.edits_generated:
-            n = min(n, self._cache.n_prompt)  # rows edited one token at a time: recompute them
-        if not self._keep(n):
+        n = self._reusable(n, toks, self._caches[seq], cache)
+        if not self._keep(n, seq):
             n = 0
-            self._keep(0)
+            self._keep(0, seq)
+        return n
+
+    def _reusable(self, n: int, toks: list[int], c: _Cache, cache: str) -> int:
+        """``n`` shared positions of cache ``c``, less those that must be recomputed anyway."""
+        n = max(0, min(n, len(toks) - MIN_RECOMPUTED))
+        if cache == "exact" and not self.decode_rows_reusable and c.pset.edits_generated:
+            n = min(n, c.n_prompt)  # rows edited one token at a time: recompute them
         return n
 
     def logits(self, tokens: Sequence[int], patch: PatchLike | Sequence[PatchLike] = None,

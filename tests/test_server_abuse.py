@@ -99,7 +99,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smol_q4, abuse_dir):
-    s = Server(smol_q4, abuse_dir, "--workers", "1", "--queue", "2")
+    s = Server(smol_q4, abuse_dir, "--workers", "1", "--slots", "1", "--queue", "2")  # one slot: queueing
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def batching_server(smol_q4, abuse_dir):
+    s = Server(smol_q4, abuse_dir, "--workers", "1", "--slots", "4", "--queue", "2")
     yield s
     s.stop()
 
@@ -154,6 +161,32 @@ def test_abandoned_streams_free_the_worker_and_its_thread(server):
     r = post(server.url, "/v1/chat/completions", {"messages": HI, "max_tokens": 2}, timeout=60)
     assert r.status_code == 200, r.text
     assert server.threads() <= before + 2, "threads of abandoned requests were not freed"
+
+
+def test_abandoned_streams_free_their_slots_in_a_batch(batching_server, abuse_dir):
+    """Four slots decoding together: streams abandoned after their first event, during their
+    prompt, or while queued (six at once, four slots, two places in the queue) all free their
+    slots; the next requests, with a patch and without, are answered."""
+    s = batching_server
+    warm = post(s.url, "/v1/chat/completions", {"messages": HI, "max_tokens": 2, "patch": "alice"}, timeout=60)
+    assert warm.status_code == 200, warm.text  # the server's lasting threads exist from here on
+    s.idle()
+    before = s.threads()
+    clients = [threading.Thread(target=raw_request, args=(s.port, "/v1/completions", stream_body()),
+                                kwargs={"read_until": b"data: "}) for _ in range(6)]
+    clients += [threading.Thread(target=raw_request, args=(s.port, "/v1/completions",
+                                                           {**stream_body(), "prompt": COUNTING * 20}))
+                for _ in range(2)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(60)
+    h = s.idle(60)
+    assert h["slots"] == 4
+    for body in ({"messages": HI, "max_tokens": 2}, {"messages": HI, "max_tokens": 2, "patch": "alice"}):
+        r = post(s.url, "/v1/chat/completions", body, timeout=60)
+        assert r.status_code == 200, r.text
+    assert s.threads() <= before, "threads of abandoned requests were not freed"
 
 
 def test_clients_gone_while_queued_leave_the_queue(server):

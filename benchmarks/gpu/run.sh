@@ -5,7 +5,8 @@
 # next to each, then run
 #   amx:    the README demo on the AMX CPU (repack auto), the crash it avoids
 #           (repack forced on), `run -v`, and the CPU test files;
-#   cuda:   gpu_check.py (exactness + overhead tables) and callback_cost.py;
+#   cuda:   gpu_check.py (exactness + overhead tables) and callback_cost.py (CUDA_RUNS=checks,
+#           the default), batch_decode.py: continuous batching on the GPU (CUDA_RUNS=batch);
 #   vulkan: gpu_check.py on the Vulkan build (NVIDIA's Vulkan driver).
 # Carried (see benchmarks/gpu/README.md): .gpu/ (the llama-cpp-python sdist
 # without models/docs, build-backend wheels, the default model's package and
@@ -95,8 +96,15 @@ print('extra buffer types:', cpu_extra_bufts()); print('auto ->', c('auto'))"
   echo; echo "===== cuda ====="
   [[ $BUILDS == *" cuda "* ]] && (
     export PYTHONPATH=/tmp/site-cuda:$BASE
-    python3 "$REPO/benchmarks/gpu/gpu_check.py" --model /tmp/smol8.gguf --rounds "${ROUNDS:-4}"
-    python3 "$REPO/benchmarks/gpu/callback_cost.py" --model /tmp/smol8.gguf
+    if [[ " ${CUDA_RUNS:-checks} " == *" checks "* ]]; then
+      python3 "$REPO/benchmarks/gpu/gpu_check.py" --model /tmp/smol8.gguf --rounds "${ROUNDS:-4}"
+      python3 "$REPO/benchmarks/gpu/callback_cost.py" --model /tmp/smol8.gguf
+    fi
+    # continuous batching with a patch per request (benchmarks/batch_decode.py), on the GPU
+    if [[ " ${CUDA_RUNS:-checks} " == *" batch "* ]]; then
+      python3 "$REPO/benchmarks/batch_decode.py" --model /tmp/smol8.gguf --ngl 99 --threads 16 \
+        --slots 1,8,32,64 --requests 128 --rounds 2 --kv streams,unified
+    fi
   ) 2>&1 | tee $JOB/report-cuda.txt
   echo; echo "===== vulkan ====="
   [[ $BUILDS == *" vulkan "* ]] && (

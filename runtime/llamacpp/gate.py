@@ -66,6 +66,8 @@ class EvalHook:
         self.n_embd = n_embd
         self.asked: dict[bytes, Job] = {}
         self.error: BaseException | None = None
+        self._expect = (0, 0)
+        self.edited = 0  # l_out tensors edited (for the one-edit-per-job check)
         self.callback = N.EvalCallback(self._callback)  # owned here, for the context's lifetime
         self.callback_data = None
 
@@ -95,15 +97,19 @@ class EvalHook:
         N.ggml_backend_tensor_get(t, buf.ctypes.data, off, size)
         apply_rows(buf, job.edits)
         N.ggml_backend_tensor_set(t, buf.ctypes.data, off, size)
+        self.edited += 1
 
     def prepare(self, jobs: list[Job]) -> None:
         self.asked = {j.name: j for j in jobs}
+        self._expect = (self.edited, len(jobs))
 
-    def finish(self) -> None:
+    def finish(self, check: bool = True) -> None:
         self.asked = {}
         err, self.error = self.error, None
         if err is not None:
             raise BackendError(f"the patch could not be applied inside llama.cpp: {err}") from err
+        if check:
+            _check_count(self.edited, *self._expect)
 
     def close(self) -> None:
         pass
@@ -115,8 +121,10 @@ class NativeHook:
     def __init__(self, lib: object, n_embd: int):
         self.gate = Gate(lib, n_embd)
         self.callback, self.callback_data = self.gate.callback, self.gate.state
+        self._expect = (0, 0)
 
     def prepare(self, jobs: list[Job]) -> None:
+        self._expect = (self.gate.edited(), len(jobs))
         if not jobs:
             return
         arr = (GateJob * len(jobs))()
@@ -135,14 +143,25 @@ class NativeHook:
             dst.n_edits, dst.edits = len(job.edits), edits
         self.gate.set_jobs(arr, keep)
 
-    def finish(self) -> None:
+    def finish(self, check: bool = True) -> None:
         self.gate.set_jobs(None)
         err = self.gate.take_error()
         if err is not None:
             raise BackendError(f"the patch could not be applied inside llama.cpp: {err}")
+        if check:
+            _check_count(self.gate.edited(), *self._expect)
 
     def close(self) -> None:
         self.gate.free()
+
+
+def _check_count(edited: int, before: int, jobs: int) -> None:
+    """Each job's tensor must have been edited exactly once in the decode: llama.cpp split
+    the batch into several ubatches (or named the layer otherwise) if not."""
+    if edited - before != jobs:
+        raise BackendError(f"llama.cpp computed {edited - before} of this ubatch's {jobs} edited layers; "
+                           "it did not run the batch as one ubatch in the order submitted, so the "
+                           "patch was not applied as asked")
 
 
 def make_hook(gate: str, n_embd: int) -> EvalHook | NativeHook:

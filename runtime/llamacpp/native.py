@@ -197,14 +197,22 @@ class Model:
 
 
 class Context:
-    """One llama.cpp context (its KV cache holds sequence 0) and a batch for it."""
+    """One llama.cpp context (its KV cache holds sequences 0 .. n_seq-1) and a batch for it."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_ubatch: int, n_threads: int, flash_attn: bool | None,
                  callback: EvalCallback | None, callback_data: int | None = None, kv_f32: bool = False,
-                 op_offload: bool = True):
+                 op_offload: bool = True, n_seq: int = 1, kv_unified: bool = False):
         self._stack = ExitStack()
         cp = C.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_ubatch, n_ubatch, 1
+        # n_batch = n_ubatch: a decode is one ubatch, so l_out's rows are the tokens submitted
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_ubatch, n_ubatch, n_seq
+        # kv_unified False: a KV stream per sequence, each sequence's cells in position order from
+        # cell 0 as in a context of its own, so its attention sums round as they would alone (in
+        # one shared stream its cells land wherever others left room, and the sums round
+        # otherwise); llama.cpp then splits a batch "equally" (a ubatch holds as many tokens of
+        # each of consecutive sequences).  True: one stream, a batch split in order (any mix of
+        # sequences in one ubatch), cells shared between sequences by seq_cp.
+        cp.kv_unified = kv_unified
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else  # llama.cpp decides
                               C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -225,6 +233,7 @@ class Context:
         self.memory = C.llama_get_memory(self.ptr)
         self.n_ctx = C.llama_n_ctx(self.ptr)
         self.n_ubatch = C.llama_n_ubatch(self.ptr)
+        self.n_seq, self.kv_unified = n_seq, kv_unified
         self.batch = C.llama_batch_init(self.n_ubatch, 0, 1)
         self._stack.callback(C.llama_batch_free, self.batch)
         cap = self.n_ubatch
@@ -232,6 +241,7 @@ class Context:
         self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(cap,))
         self._nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(cap,))
         self._out = np.ctypeslib.as_array(ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(cap,))
+        self._seq = np.zeros(cap, dtype=np.int32)  # what batch.seq_id[i][0] holds
         for i in range(cap):
             self.batch.seq_id[i][0] = 0
         self._nseq[:] = 1
@@ -239,12 +249,17 @@ class Context:
     def close(self) -> None:
         self._stack.close()
 
-    def decode(self, tokens: np.ndarray, start: int, outputs: np.ndarray) -> None:
-        """One ubatch: ``tokens`` at positions start.., logits for rows where ``outputs``."""
+    def decode(self, tokens: np.ndarray, start: int | np.ndarray, outputs: np.ndarray,
+               seq: int | np.ndarray = 0) -> None:
+        """One ubatch: ``tokens`` at positions ``start``.. (or one position per token) of
+        sequence ``seq`` (or one per token), logits for rows where ``outputs``."""
         n = len(tokens)
         self._tok[:n] = tokens
-        self._pos[:n] = np.arange(start, start + n, dtype=np.int32)
+        self._pos[:n] = np.arange(start, start + n, dtype=np.int32) if np.ndim(start) == 0 else start
         self._out[:n] = outputs
+        seqs = np.broadcast_to(np.asarray(seq, dtype=np.int32), (n,))
+        for i in np.flatnonzero(self._seq[:n] != seqs):
+            self.batch.seq_id[i][0] = self._seq[i] = seqs[i]
         self.batch.n_tokens = n
         rc = C.llama_decode(self.ptr, self.batch)
         if rc != 0:
@@ -257,37 +272,50 @@ class Context:
             raise BackendError(f"llama.cpp returned no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def n_cached(self) -> int:
-        """Positions held for sequence 0 (0 when empty)."""
-        return int(C.llama_memory_seq_pos_max(self.memory, 0)) + 1
+    def n_cached(self, seq: int = 0) -> int:
+        """Positions held for sequence ``seq`` (0 when empty)."""
+        return int(C.llama_memory_seq_pos_max(self.memory, seq)) + 1
 
-    def keep(self, n: int) -> bool:
-        """Keep the first ``n`` positions of the KV cache; False if it cannot be cut there."""
-        if n == 0:
+    def keep(self, n: int, seq: int = 0) -> bool:
+        """Keep the first ``n`` positions of sequence ``seq``; False if it cannot be cut there.
+        A one-sequence context is cleared whole at 0, so a new prompt lands in the same cells
+        as in a fresh context (placement changes how the attention's sums round)."""
+        if n == 0 and self.n_seq == 1:
             C.llama_memory_clear(self.memory, True)
             return True
-        return bool(C.llama_memory_seq_rm(self.memory, 0, n, -1))
+        return bool(C.llama_memory_seq_rm(self.memory, seq, n, -1))
 
-    def save_state(self) -> ctypes.Array:
-        """The KV cache's cells (llama.cpp's per-sequence state) as a byte array."""
-        size = C.llama_state_seq_get_size(self.ptr, 0)
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Sequence ``dst`` becomes the first ``n`` positions of ``src``: in one stream the cells
+        are shared; between streams llama.cpp copies the whole stream (at the next decode) and
+        the rest is cut."""
+        C.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        if self.kv_unified:
+            C.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+            return
+        C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        C.llama_memory_seq_rm(self.memory, dst, n, -1)
+
+    def save_state(self, seq: int = 0) -> ctypes.Array:
+        """Sequence ``seq``'s KV cells (llama.cpp's per-sequence state) as a byte array."""
+        size = C.llama_state_seq_get_size(self.ptr, seq)
         buf = (ctypes.c_uint8 * size)()
-        got = C.llama_state_seq_get_data(self.ptr, buf, size, 0)
+        got = C.llama_state_seq_get_data(self.ptr, buf, size, seq)
         if got != size:
             raise BackendError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
         return buf
 
-    def load_state(self, buf: ctypes.Array) -> bool:
-        """Replace the KV cache with a saved state; False (and an empty cache) if it failed."""
-        C.llama_memory_clear(self.memory, True)
-        if C.llama_state_seq_set_data(self.ptr, buf, len(buf), 0) == len(buf):
+    def load_state(self, buf: ctypes.Array, seq: int = 0) -> bool:
+        """Replace sequence ``seq`` with a saved state; False (and ``seq`` empty) if it failed."""
+        self.keep(0, seq)
+        if C.llama_state_seq_set_data(self.ptr, buf, len(buf), seq) == len(buf):
             return True
-        C.llama_memory_clear(self.memory, True)
+        self.keep(0, seq)
         return False
 
 
 class Native:
-    """A model and the contexts that decode its one sequence; released together by ``close``.
+    """A model and the contexts that decode its sequences; released together by ``close``.
 
     ``edit`` has the eval callback.  ``plain`` (optional, same model) has none: on a GPU
     merely having ``cb_eval`` costs ~6 % per token even when it asks for nothing (the
@@ -300,12 +328,15 @@ class Native:
     def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_ubatch: int, n_threads: int,
                  n_gpu_layers: int, flash_attn: bool | None, callback: EvalCallback | None,
                  callback_data: int | None = None, kv_f32: bool = False, op_offload: bool = True,
-                 split: bool = False, use_extra_bufts: bool = True, verbose: bool = False):
+                 split: bool = False, use_extra_bufts: bool = True, verbose: bool = False, n_seq: int = 1,
+                 kv_unified: bool = False):
+        if split and n_seq > 1:
+            raise BackendError("a split (edit / plain) pair of contexts holds one sequence; n_seq must be 1")
         self._stack = ExitStack()
         self.model = Model(path, n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts, verbose=verbose)
         self._stack.callback(self.model.close)
         kw = dict(n_ctx=n_ctx, n_ubatch=n_ubatch, n_threads=n_threads, flash_attn=flash_attn,
-                  kv_f32=kv_f32, op_offload=op_offload)
+                  kv_f32=kv_f32, op_offload=op_offload, n_seq=n_seq, kv_unified=kv_unified)
         try:
             self.edit = Context(self.model, callback=callback, callback_data=callback_data, **kw)
             self._stack.callback(self.edit.close)
@@ -343,20 +374,24 @@ class Native:
             self.home = target
         return target
 
-    def decode(self, tokens: np.ndarray, start: int, outputs: np.ndarray, edit: bool = True) -> None:
-        self.use(edit).decode(tokens, start, outputs)
+    def decode(self, tokens: np.ndarray, start: int | np.ndarray, outputs: np.ndarray, edit: bool = True,
+               seq: int | np.ndarray = 0) -> None:
+        self.use(edit).decode(tokens, start, outputs, seq)
 
     def logits(self, i: int) -> np.ndarray:
         return self.home.logits(i)
 
-    def keep(self, n: int) -> bool:
-        return self.home.keep(n)
+    def keep(self, n: int, seq: int = 0) -> bool:
+        return self.home.keep(n, seq)
 
-    def save_state(self) -> ctypes.Array:
-        return self.home.save_state()
+    def copy(self, src: int, dst: int, n: int) -> None:
+        self.home.copy(src, dst, n)
 
-    def load_state(self, buf: ctypes.Array) -> bool:
-        return self.home.load_state(buf)
+    def save_state(self, seq: int = 0) -> ctypes.Array:
+        return self.home.save_state(seq)
+
+    def load_state(self, buf: ctypes.Array, seq: int = 0) -> bool:
+        return self.home.load_state(buf, seq)
 
     # ---- llama.cpp's own adapters (oracle tests, benchmarks): set on every context -----------
     def _contexts(self) -> tuple[Context, ...]:

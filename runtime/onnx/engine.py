@@ -105,17 +105,17 @@ class OnnxEngine(EngineBase):
     def _is_eog(self, token: int) -> bool:
         return self.vocab.is_eog(token)
 
-    def _keep(self, n: int) -> bool:
+    def _keep(self, n: int, seq: int = 0) -> bool:  # one sequence: seq is 0
         if n > self._n_past:
             return False
         self._n_past = n
         return True
 
-    def _save_state(self) -> ArrayState:
+    def _save_state(self, seq: int = 0) -> ArrayState:
         n = self._n_past
         return ArrayState({k: b[:, :, :n].copy() for k, b in self.kv.buffers.items()}, n)
 
-    def _load_state(self, state: ArrayState) -> bool:
+    def _load_state(self, state: ArrayState, seq: int = 0) -> bool:
         for k, a in state.arrays.items():
             self.kv.buffers[k][:, :, :state.n] = a
         self._n_past = state.n

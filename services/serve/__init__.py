@@ -1,8 +1,10 @@
-"""The OpenAI-compatible HTTP server: a patch per request, a pool of engines.
+"""The OpenAI-compatible HTTP server: a patch per request, many requests in one batch.
 
 Imports: edge_reft, edge_reft.runtime
 
-``server.py`` (routes, errors), ``api.py`` (request bodies), ``pool.py`` (engines, the
-queue, abandoned requests), ``patchstore.py`` (patches by name, bound to the model once),
-``access.py`` (bearer keys).
+``server.py`` (routes, errors), ``api.py`` (request bodies), ``pool.py`` (workers, each
+stepping a batch of slots; the queue, abandoned requests), ``patchstore.py`` (patches by
+name, bound to the model once), ``registry.py`` (patches pulled from a manifest of URLs and
+sha256s), ``access.py`` (bearer keys), ``ray_serve.py`` (the same app as Ray Serve
+deployments routed by patch; the only module that imports ray).
 """

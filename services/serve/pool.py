@@ -1,137 +1,137 @@
-"""Engines for the server: a bounded queue in front of them, and a generation run in its own
-thread that the event loop can abandon at any point without leaking the engine or a thread.
+"""Engines for the server, each decoding many requests together, and the asyncio face of a
+request that the event loop can abandon at any point without leaking a slot or a thread.
 
-One mechanism owns every way a request can end (done, failed, or its client gone while it
-waits in the queue, during the prefill or during the stream): ``EnginePool.acquire`` queues
-it (boundedly: ``QueueFull`` beyond ``max_queue``), ``Job`` runs it and always releases the
-engine when its thread ends, and ``until_disconnect`` is what the handlers race against.  No executor thread ever waits on a
-generation, so abandoned requests cannot exhaust asyncio's default thread pool.
+Each worker is one engine with ``slots`` sequences and one thread of its own that steps its
+``Batcher`` (runtime/batching.py): every step decodes the next token of every running
+request and prompt chunks of new ones in one forward pass, each request's rows edited by
+its own patches.  A request goes to the worker holding KV state for its patches, else to
+the least loaded.  One mechanism owns every way a request can end (done, failed, or its
+client gone while it waits, during its prompt or during the stream): ``Job`` is the
+request's events on an asyncio queue, ``cancel`` frees its slot at the batch thread's next
+step, and ``until_disconnect`` is what the handlers race against.  No executor thread ever
+waits on a generation, so abandoned requests cannot exhaust asyncio's default thread pool.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import threading
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from edge_reft.errors import ReftError
+from edge_reft.runtime.batching import Batcher, QueueFull, Request, make_request
 
-
-class QueueFull(ReftError):
-    """Every engine is busy and the queue holds its maximum of waiting requests."""
+__all__ = ["EnginePool", "Job", "QueueFull", "ClientGone", "race", "job_events", "until_disconnect"]
 
 
 class EnginePool:
-    """Free engines and waiting requests.  A request goes to a free engine that holds KV
-    state computed under its patch if there is one; a freed engine goes to the oldest waiter
-    whose patch it holds state for among the next ``window`` waiters, else to the oldest:
-    cache reuse without letting a request be passed over more than ``window`` times.
-    At most ``max_queue`` requests wait; more are refused at once (``QueueFull``)."""
+    """``workers`` engines of ``slots`` sequences each, every one stepped by a thread of its
+    own.  At most ``max_queue`` requests wait for a slot in all; more are refused at once
+    (``QueueFull``).  A backend that decodes one sequence at a time gets one slot a worker."""
 
-    def __init__(self, model: str | None, workers: int, max_queue: int = 64, **engine_options: Any):
+    def __init__(self, model: str | None, workers: int, max_queue: int = 64, slots: int = 1,
+                 **engine_options: Any):
         if not isinstance(workers, int) or workers < 1:
             raise ReftError(f"workers: {workers!r}, expected an integer >= 1")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ReftError(f"max_queue: {max_queue!r}, expected an integer >= 0")
+        if not isinstance(slots, int) or slots < 1:
+            raise ReftError(f"slots: {slots!r}, expected an integer >= 1")
         from edge_reft.runtime import Engine
         threads = max(1, (os.cpu_count() or 1) // workers)
+        if slots > 1:
+            engine_options["slots"] = slots
         self.engines = [Engine(model, n_threads=threads, **engine_options) for _ in range(workers)]
         self.base = self.engines[0].base
-        self.window = 2 * workers
+        self.slots = self.engines[0].n_seq
         self.max_queue = max_queue
-        self._idle = list(self.engines)
-        self._waiters: list[tuple[str, asyncio.Future, list[int]]] = []  # key, future, times passed over
+        self.batchers = [Batcher(e) for e in self.engines]
+        # one thread tokenizes requests (chat template, tokenizer) off the event loop
+        self.prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-reft-prep")
+        self._closing = False
+        self._threads = [threading.Thread(target=self._loop, args=(b,), name=f"edge-reft-batch-{i}", daemon=True)
+                         for i, b in enumerate(self.batchers)]
+        for t in self._threads:
+            t.start()
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w[1].done())
+        return sum(b.n_waiting for b in self.batchers)
 
     @property
     def busy(self) -> int:
-        return len(self.engines) - len(self._idle)
+        return sum(b.active for b in self.batchers)
 
-    async def acquire(self, key: str = ""):
-        """A free engine, or a place in the queue; ``QueueFull`` when the queue is full.
-        Cancelled while waiting, it leaves the queue (or hands on an engine given meanwhile)."""
-        if self._idle:
-            match = [e for e in self._idle if e.holds_state(key)]
-            engine = match[0] if match else self._idle[0]
-            self._idle.remove(engine)
-            return engine
+    def _loop(self, batcher: Batcher) -> None:
+        with batcher.engine._exclusive():
+            while not self._closing:
+                if not batcher.step():
+                    batcher.wait_for_work(0.5)
+
+    def request(self, opts: dict) -> Request:
+        """The engine-side request of a handler's options (tokenized, patches bound): blocking,
+        call it off the event loop.  Bad options raise here, before any slot is taken."""
+        return make_request(self.engines[0], **opts)
+
+    def start(self, req: Request, stream: bool = True) -> "Job":
+        """Queue ``req`` on the worker holding state for its patches (else the least loaded);
+        ``QueueFull`` when ``max_queue`` requests wait already."""
         if self.waiting >= self.max_queue:
-            raise QueueFull(f"all {len(self.engines)} workers are busy and {self.waiting} requests "
-                            f"wait (the limit, --queue {self.max_queue}); retry shortly")
-        fut = asyncio.get_running_loop().create_future()
-        entry = (key, fut, [0])
-        self._waiters.append(entry)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-            if fut.done() and not fut.cancelled():
-                self.release(fut.result())
-            raise
+            raise QueueFull(f"all {self.busy} slots are busy and {self.waiting} requests wait (the limit, "
+                            f"--queue {self.max_queue}); retry shortly")
+        load = [(b.active + b.n_waiting, i) for i, b in enumerate(self.batchers)]
+        best = min(load)[1]
+        if len(self.batchers) > 1:
+            holding = [(n, i) for n, i in load if n < self.slots and self.engines[i].holds_state(req.pset.key)]
+            if holding:
+                best = min(holding)[1]
+        return Job(self.batchers[best], req, stream)
 
-    def release(self, engine) -> None:
-        self._waiters = [w for w in self._waiters if not w[1].done()]  # cancelled meanwhile
-        if not self._waiters:
-            self._idle.append(engine)
-            return
-        pick = 0
-        if self._waiters[0][2][0] < self.window:
-            pick = next((i for i, (k, _, _) in enumerate(self._waiters[:self.window])
-                         if engine.holds_state(k)), 0)
-        for _, _, passed in self._waiters[:pick]:
-            passed[0] += 1
-        _, fut, _ = self._waiters.pop(pick)
-        fut.set_result(engine)
+    async def prepare(self, opts: dict) -> Request:
+        """``request(opts)`` in the pool's tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, self.request, opts)
 
     def close(self) -> None:
+        self.prep.shutdown(wait=False, cancel_futures=True)
+        self._closing = True
+        for b in self.batchers:
+            b.wake()
+        for t in self._threads:
+            t.join(timeout=60)
         for e in self.engines:
             e.close()
 
 
 class Job:
-    """One generation on one engine, in a thread of its own that owns the engine until the
-    generation ends; its events ("piece", text), then ("done", Completion) or ("error", exc)
-    arrive on an asyncio queue.  ``cancel()`` stops it at the next token (a prefill in progress
-    finishes first); whatever happens the engine goes back to the pool when the thread ends."""
+    """One request in a batcher; its events ("piece", text) when ``stream``, then ("done",
+    Completion) or ("error", exc) arrive on an asyncio queue (a whole answer wakes the event
+    loop once, not once a token).  ``cancel()`` stops it before its next token (or takes it
+    out of the queue) and frees its slot."""
 
-    def __init__(self, engine, opts: dict, release: Callable[[Any], None]):
-        self.engine, self.opts, self._release = engine, opts, release
+    def __init__(self, batcher: Batcher, req: Request, stream: bool = True):
+        self.batcher, self.req = batcher, req
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        self._cancel = threading.Event()
         self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._work, name="edge-reft-job", daemon=True)
-        self.thread.start()
+        if stream:
+            req.on_piece = lambda text: self._post(("piece", text))
+        req.on_done = lambda c: self._end(("done", c))
+        req.on_error = lambda e: self._end(("error", e))
+        batcher.submit(req)
 
     def cancel(self) -> None:
-        self._cancel.set()
+        if not self.finished.is_set():
+            self.batcher.cancel(self.req)
 
     def _post(self, item: tuple[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self.events.put_nowait, item)
 
-    def _work(self) -> None:
-        try:
-            gen = self.engine.generate(stream=True, **self.opts)
-            try:
-                for piece in gen:
-                    if self._cancel.is_set():
-                        break
-                    self._post(("piece", piece))
-            finally:
-                gen.close()
-            self._post(("done", gen.result))
-        except BaseException as e:  # reported to the client; the engine stays usable
-            self._post(("error", e))
-        finally:
-            self.finished.set()
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._release, self.engine)
+    def _end(self, item: tuple[str, Any]) -> None:
+        self.finished.set()
+        self._post(item)
 
     async def next(self) -> tuple[str, Any]:
         return await self.events.get()

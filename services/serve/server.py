@@ -1,16 +1,18 @@
 """An OpenAI-compatible HTTP server with a patch per request (FastAPI + uvicorn).
 
-Concurrency: a pool of engines (one llama.cpp context each, the model file
-mapped once by the OS).  A request takes a free engine for its whole
-generation and gives it back after, so it never shares a context with
-another request.  An engine reuses KV state only under the exact rule: for
+Concurrency: ``workers`` engines (the model file mapped once by the OS), each
+with ``slots`` sequences decoded together by a thread of its own (pool.py,
+runtime/batching.py): every forward pass carries the next token of every
+running request and prompt chunks of new ones, each row edited by its own
+request's patches, so requests with different patches share one batch and
+never each other's edits.  KV state is reused only under the exact rule: for
 the same patch (its content hash) up to the first position whose edit
 differs; for another patch only positions neither patch edits (what no patch
-computes).  Each engine also keeps the state last computed under each patch
-(runtime/kvstates.py) and the pool sends a request to an engine holding
-state for its patch when it can (bounded unfairness), so reuse survives
-many users.  llama.cpp runs with the GIL released, so engines work in
-parallel threads.
+computes), which a new request takes from any slot holding them (cells
+shared, not recomputed).  Each engine also keeps the state last computed
+under each patch (runtime/kvstates.py), and a request goes to the worker
+holding state for its patch when it can.  llama.cpp runs with the GIL
+released, so workers run in parallel threads.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from edge_reft.errors import PatchMismatchError, ReftError, ReftFormatError
 
@@ -33,7 +35,8 @@ from .access import EVERYTHING, AccessKeys, Grant
 from .middleware import MAX_BODY, AccessLog, BodyLimit, error_response, error_body
 from .api import ChatRequest, CompletionRequest, patch_names  # module level: FastAPI resolves annotations
 from .patchstore import PatchNameError, PatchNotFound, PatchOutsideFolder, PatchStore, PatchUnreadable
-from .pool import ClientGone, EnginePool, Job, QueueFull, job_events, race, until_disconnect
+from .registry import PatchRefused, Registry, RegistryUnavailable
+from .pool import ClientGone, EnginePool, QueueFull, job_events, race, until_disconnect
 
 
 
@@ -47,12 +50,16 @@ def model_id_of(model: str) -> str:
     return "-".join((name[:-5] if name.endswith(".gguf") else name).split()) or "model"
 
 
-def create_app(model: str | None, patches: str | os.PathLike[str], workers: int = 1,
+def create_app(model: str | None, patches: str | os.PathLike[str], workers: int = 1, slots: int = 1,
                max_body: int = MAX_BODY, max_queue: int = 64, keys: AccessKeys | None = None,
-               log: bool = False, **engine_options: Any):
+               log: bool = False, registry: str | None = None, registry_ttl: float = 300.0,
+               registry_cache: str | os.PathLike[str] | None = None, patch_cache: int = 256,
+               pin: Sequence[str] = (), **engine_options: Any):
     """The FastAPI app over ``model`` (default: the embedded SmolLM2).  ``max_queue`` requests
     may wait for a worker (more: 503 with Retry-After); with ``keys``, each request needs a
     bearer key and may use only its patches; ``log``: one line per request on stderr.
+    ``registry``: a manifest URL for names not in ``patches`` (patchstore.py, registry.py);
+    ``patch_cache`` patch sets kept bound besides the ``pin`` ones.
     ``engine_options``: ``backend`` and the engine's keywords."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -61,8 +68,14 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
 
     from edge_reft.models import default_model
     model = str(default_model()) if model is None else model
-    pool = EnginePool(model, workers, max_queue=max_queue, **engine_options)
-    store = PatchStore(patches, pool.engines[0].patch_set)
+    pool = EnginePool(model, workers, max_queue=max_queue, slots=slots, **engine_options)
+    try:
+        remote = registry and Registry(registry, registry_cache or os.path.join(patches, ".registry"),
+                                       registry_ttl, base=pool.base)
+        store = PatchStore(patches, pool.engines[0].patch_set, patch_cache, remote or None, pin)
+    except BaseException:
+        pool.close()
+        raise
     model_id, created = model_id_of(model), int(os.stat(model).st_mtime)
 
     @contextlib.asynccontextmanager
@@ -102,8 +115,9 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": pool.base.fingerprint,
-                "workers": len(pool.engines), "busy": pool.busy, "waiting": pool.waiting,
-                "patches_cached": len(store), "patch_loads": store.loads}
+                "workers": len(pool.engines), "slots": pool.slots, "busy": pool.busy, "waiting": pool.waiting,
+                "patches_cached": len(store), "patch_cache_bytes": store.nbytes, "patch_loads": store.loads,
+                "registry": store.registry.status() if store.registry else None}
 
     def model_card(name: str | None, names: list[str] = ()) -> dict:
         if name is None:
@@ -168,8 +182,8 @@ def create_app(model: str | None, patches: str | os.PathLike[str], workers: int 
         gone = asyncio.ensure_future(until_disconnect(request.receive))
         job, streaming = None, False
         try:
-            engine = await race(pool.acquire(pset.key), gone, orphan=pool.release)
-            job = Job(engine, opts, pool.release)
+            work = await race(pool.prepare(opts), gone)  # tokenizing: off the loop
+            job = pool.start(work, stream=bool(req.stream))
             first = await race(job.next(), gone)  # errors found before the first token: a 4xx
             if first[0] == "error":
                 return _failure(first[1])
@@ -245,6 +259,11 @@ def _reft_error(exc: ReftError, message: str | None = None):
         return error_response(403, msg, "patch_outside_folder")
     if isinstance(exc, PatchUnreadable):
         return error_response(422, msg, "invalid_patch", "file")
+    if isinstance(exc, RegistryUnavailable):  # upstream failed, not this server: not a 503 (overloaded)
+        return error_response(502, msg, "registry_unavailable", "model",
+                              headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+    if isinstance(exc, PatchRefused):
+        return error_response(422, msg, "invalid_patch", "sha256")
     if isinstance(exc, QueueFull):
         return error_response(503, msg, "overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, ReftFormatError):
