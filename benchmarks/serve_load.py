@@ -108,13 +108,13 @@ async def load(url: str, jobs: list[tuple[str, str | None]], clients: int, max_t
         return out, time.perf_counter() - t0
 
 
-def make_patches(base, folder: Path, n: int) -> list[str]:
+def make_patches(base, folder: Path, n: int, specs=SPECS) -> list[str]:
     from edge_reft.patch import random_patch
     from edge_reft.reftfile import save_patch
     names = []
     for i in range(n):
         name = f"user{i:04d}"
-        save_patch(random_patch(base, [SPECS[i % len(SPECS)]], scale=8.0, seed=1000 + i), folder / f"{name}.reft")
+        save_patch(random_patch(base, [specs[i % len(specs)]], scale=8.0, seed=1000 + i), folder / f"{name}.reft")
         names.append(name)
     return names
 
@@ -209,12 +209,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--many", type=int, default=0, help="the many-patch run instead: this many patches")
     ap.add_argument("--many-requests", type=int, default=2000)
+    ap.add_argument("--l1-only", action="store_true",
+                    help="every patch edits the last prompt token only (l1): users share the prompt's cells")
     a = ap.parse_args()
     from edge_reft.fingerprint import from_gguf
     from edge_reft.models import default_model
     model = str(default_model())
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    names = make_patches(from_gguf(model), folder, a.many or max(a.requests, 8))
+    specs = [s for s in SPECS if s[1] == "l1"] if a.l1_only else SPECS
+    names = make_patches(from_gguf(model), folder, a.many or max(a.requests, 8), specs)
     print(f"$ python benchmarks/serve_load.py {' '.join(sys.argv[1:])}")
     (many if a.many else compare)(a, model, folder, names)
 

@@ -5,9 +5,11 @@ Imports: edge_reft
 
     Engine(model)                      # a .gguf file: llama.cpp
     Engine(onnx_dir, backend="onnx")   # a folder from `edge-reft export-onnx`
+    Engine(model, slots=8).generate_many([{"prompt": ..., "patch": ...}, ...])  # batched
 
 Shared by every backend (this folder): ``engine`` (the one generate loop, the KV-cache
-rule, patch binding), ``edits`` (patches compiled for a runtime), ``sampling``,
+rule, patch binding), ``batching`` (many requests, each with its own patches, decoded
+together), ``edits`` (patches compiled for a runtime), ``sampling``,
 ``textstream``, ``kvstates``, and ``backends``, the table that names each backend.
 One folder per backend, the same files in each: ``engine.py`` (its ``EngineBase``
 subclass: the four primitives) and ``native.py`` (the thin layer over its library).

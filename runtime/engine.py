@@ -3,6 +3,9 @@
 A backend implements four primitives: ``_tokenize``, ``_piece``,
 ``_forward`` (run a chunk of tokens at given positions, with the edits of a
 ``PatchSet``, and return logits) and ``_keep`` (cut the KV cache back).
+A backend whose context holds several sequences (``n_seq``, the slots that
+runtime/batching.py decodes together) also implements ``_forward_batch`` and
+``_copy``, and its ``_keep``/``_save_state``/``_load_state`` take the sequence.
 Everything else lives here once: chat template, patch binding, the
 KV-cache reuse rule of FORMAT.md ("Positions"), sampling, stop strings, streaming.
 
