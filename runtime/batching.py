@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -64,7 +64,6 @@ class Request:
     on_error: Callable[[BaseException], None] = lambda e: None
     cancelled: bool = False
     # the batcher's
-    slot: int = -1
     done: int = 0                 # prompt tokens in the KV cache
     reused: int = 0
     reply: Reply | None = None
@@ -81,33 +80,24 @@ class _Slot:
 
 @dataclass
 class _Stats:
-    steps: int = 0
-    rows: int = 0                 # tokens forwarded
     copied: int = 0               # prompt tokens taken from another slot's cells
     reused: int = 0               # prompt tokens kept in the slot's own cache
-    finished: int = 0
-    widths: list[int] = field(default_factory=list)
 
 
 class Batcher:
     """The slots of one engine and the requests waiting for them."""
 
-    def __init__(self, engine: EngineBase, max_waiting: int | None = None):
+    def __init__(self, engine: EngineBase):
         self.engine = engine
         self.slots = [_Slot(i) for i in range(engine.n_seq)]
         self.waiting: deque[Request] = deque()
-        self.max_waiting = max_waiting
         self.stats = _Stats()
         self._cv = threading.Condition()
 
     # ---- any thread ---------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """Queue ``req`` (made by ``make_request``); ``QueueFull`` (a ReftError) when
-        ``max_waiting`` requests wait already."""
+        """Queue ``req`` (made by ``make_request``)."""
         with self._cv:
-            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait "
-                                "(the limit); retry shortly")
             req.t0 = time.perf_counter()
             self.waiting.append(req)
             self._cv.notify_all()
@@ -163,9 +153,6 @@ class Batcher:
             if not isinstance(e, Exception):
                 raise
             return True
-        self.stats.steps += 1
-        self.stats.rows += sum(len(seg.tokens) for seg in segments)
-        self.stats.widths.append(len(segments))
         for (s, seg), row in zip(plan, logits):
             self._advance(s, seg, row)
         return True
@@ -212,7 +199,7 @@ class Batcher:
             else:
                 self.stats.reused += n
         caches[slot.seq] = _Cache()  # until the prompt is in, the sequence matches nothing
-        req.slot, req.done, req.reused = slot.seq, n, n
+        req.done = req.reused = n
         req.reply = Reply(eng, req.sampling, req.stop)
         slot.request = req
 
@@ -271,7 +258,6 @@ class Batcher:
         if tail:
             r.on_piece(tail)
         t1 = r.t1 or time.perf_counter()
-        self.stats.finished += 1
         r.on_done(r.reply.completion(r.tokens, t1 - r.t0, time.perf_counter() - t1, r.reused))
 
     def _fail(self, s: _Slot, e: BaseException) -> None:
@@ -283,10 +269,6 @@ class Batcher:
 
 def _filling(s: _Slot) -> bool:
     return s.request is not None and s.request.done < len(s.request.tokens)
-
-
-class QueueFull(ReftError):
-    """Every slot is busy and the queue holds its maximum of waiting requests."""
 
 
 def make_request(engine: EngineBase, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -320,8 +302,9 @@ def generate_many(engine: EngineBase, requests: Sequence[dict[str, Any]]) -> lis
     for i, kw in enumerate(requests):
         try:
             reqs.append(make_request(engine, **kw))
-        except ReftError as e:
-            raise type(e)(f"request {i}: {e}") from None
+        except ReftError as e:  # its own class kept (a ReftFormatError's problems, ...), the request named
+            e.args = (f"request {i}: {e}",)
+            raise
     for i, req in enumerate(reqs):
         req.on_done = req.on_error = lambda result, i=i: out.__setitem__(i, result)
         batcher.submit(req)

@@ -134,3 +134,15 @@ def test_bad_requests_are_refused_by_name(batched, patches):
         batched.generate_many([dict(prompt="hi " * 600, max_tokens=4)])
     with pytest.raises(ReftError, match="slots"):
         Engine(batched.path, slots=0)
+
+
+def test_a_malformed_patch_is_refused_naming_the_request(batched, tmp_path):
+    """A bad patch file among the requests: its own error class (the file's problems listed),
+    the request's index in front, and nothing generated."""
+    from edge_reft.errors import ReftFormatError
+    from hostile import CORPUS
+    bad = tmp_path / "bad.reft"
+    bad.write_bytes(CORPUS["nan-weight"][0]())
+    with pytest.raises(ReftFormatError, match=r"^request 1: .*bad\.reft") as e:
+        batched.generate_many([dict(prompt="hi", max_tokens=2), dict(prompt="hi", patch=bad, max_tokens=2)])
+    assert e.value.problems

@@ -21,9 +21,13 @@ import threading
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from edge_reft.errors import ReftError
-from edge_reft.runtime.batching import Batcher, QueueFull, Request, make_request
+from edge_reft.runtime.batching import Batcher, Request, make_request
 
 __all__ = ["EnginePool", "Job", "QueueFull", "ClientGone", "race", "job_events", "until_disconnect"]
+
+
+class QueueFull(ReftError):
+    """Every slot is busy and the queue holds its maximum of waiting requests."""
 
 
 class EnginePool:
