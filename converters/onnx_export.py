@@ -11,7 +11,7 @@
 
        h <- h + (mask * (h @ delta_t + bias)) @ rotate
 
-   with graph inputs rotate (B, r, d), delta_t = (W - R)^T (B, d, r),
+   with graph inputs rotate A (B, r, d), delta_t = B^T (B, d, r) (W - R for LoReFT),
    bias (B, 1, r) and mask (B, S, 1), r = ``max_rank`` (zero rows are no-ops),
    B the batch: every row its own patch.  The runtime turns a block on only
    when some mask is non-zero, so unused blocks cost one ``If``;

@@ -7,34 +7,22 @@ come from the file names).  A key names the layer, component and a counter:
 ``layer_15_comp_block_output_unit_pos_nunit_1#0`` (pyvene >= 0.1.7) or
 ``layer.15.comp.block_output.unit.pos.nunit.1#0`` (earlier).
 
-What converts (pyreft's forward -> the `.reft` tensors, values kept exactly):
+Types.  All six pyreft classes convert (``edge_reft.interventions`` has their
+math; ``pyreft_layout`` their files).  config.json names each class; without it
+the tensors do, except that NoReFT/NodiReFT and ConsReFT/LobiReFT save the same
+tensors (``--type`` then decides).  config.json stores no activation: pyreft's
+default, the identity, is assumed (an ``act_fn`` key must be absent or ``linear``).
+pyreft evaluates DiReFT's and NodiReFT's W h in learned_source's dtype
+(bfloat16 unless the run passed another); edge-reft computes in float32.
+Class names in config.json are matched as text; nothing named there is imported.
 
-- LoReFT  h + (W h + b - R h) R^T; state {weight W [r,d], bias b [r],
-  rotate_layer [d,r] = R^T} -> ``loreft``: rotate = R, weight = W, bias = b.
-- NoReFT  h + (W1 h + b1 - (W2 h + b2)) W2; state {proj_layer.weight W2,
-  [proj_layer.bias b2], learned_source.weight W1, learned_source.bias b1}
-  -> ``noreft``: rotate = W2, weight = W1, bias = b1 - b2.
-
-ConsReFT, LobiReFT, DiReFT and NodiReFT are refused by name, and so is every
-component but ``block_output`` of a plain (not PEFT-wrapped) model.
-config.json stores neither the positions, nor share_weights, nor act_fn: the
-caller gives the first two, and the activation is pyreft's reload default,
-the identity (nothing in the files can say otherwise; config.json's
-``act_fn``, if some fork writes one, must be absent or ``linear``).  Class
-names in config.json are matched as text; nothing named there is imported.
-
-Positions.  Untied ``f<N>+l<M>`` (no share_weights) trains two interventions
-per layer, #0 on the first N prompt tokens and #1 on the last M; they become
-two interventions with rules ``f<N>`` and ``l<M>``.  The one gap: pyreft caps
-each of the two windows at floor(n/2) for a prompt of n tokens, while a
-single-window rule caps at n, so on prompts shorter than 2*max(N, M) the
-converted patch edits up to min(N, n) (resp. min(M, n)) positions where pyreft
-edits min(N, floor(n/2)).  Tied f+l (``share_weights``) keeps pyreft's rule; a single
-window differs from pyreft on short prompts in the same way everywhere in edge-reft (FORMAT.md).
-Not expressible: pyreft's ReftClassificationDataset, ReftGenerationDataset and
-ReftSupervisedDataset end the window at ``prompt_len - 1`` (their ``l<N>`` skips the
-last prompt token); format version 1 has no shifted window, so such a patch runs one
-token later than it was trained (README, "Converting from pyreft").
+Positions.  pyreft saves neither the positions nor which data module placed
+them, so the caller says both: ``positions`` (and ``share_weights``), and the
+dataset convention (``CONVENTIONS``), which become exact format-2 rules: pyreft
+caps every window at floor(m/2), m being ``last_position`` (the prompt length n,
+or n - 1 for ReftSupervisedDataset and its siblings), so ``l4`` becomes ``f0+l4``
+(or ``f0+l4:-1``), and untied ``f<N>+l<M>`` (two interventions per layer, #0 on
+the first window, #1 on the last) becomes ``f<N>+l0`` and ``f0+l<M>``.
 
 The ``.bin`` files are torch pickles, read by ``torch_pickle.read_state_dict``
 (no torch, nothing in them executed); ``to_pyreft`` (the reverse) needs torch.
@@ -44,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_reft import interventions as types
 from edge_reft import spec
 from edge_reft.errors import ReftError, ReftFormatError
 from edge_reft.files import atomic_dir
@@ -60,6 +50,7 @@ from edge_reft.patch import BaseModel, Intervention, Patch
 from edge_reft.positions import PositionRule
 from edge_reft.reftfile import load_patch, save_patch
 
+from . import pyreft_layout as layout
 from .torch_pickle import FLOATING, StoredTensor, archive_storage_count, read_state_dict
 
 MAX_CONFIG_BYTES = 4 << 20
@@ -96,77 +87,56 @@ def parse_key(text: str) -> PyreftKey:
                     f"nunit_1#0'{hint}")
 
 
-PYREFT_CLASSES = {"LoreftIntervention": "loreft", "NoreftIntervention": "noreft"}
-REFUSED_CLASSES = {"ConsreftIntervention": "ConsReFT", "LobireftIntervention": "LobiReFT",
-                   "DireftIntervention": "DiReFT", "NodireftIntervention": "NodiReFT"}
-LOREFT_KEYS = {"weight", "bias", "rotate_layer"}
-NOREFT_KEYS = {"proj_layer.weight", "learned_source.weight", "learned_source.bias"}
-BUFFERS = {"embed_dim", "interchange_dim"}  # nn.Module.state_dict() of pyreft's other classes
+# the data module that placed a checkpoint's intervention locations -> (what it means, end offset)
+CONVENTIONS = {
+    "end": ("the windows end at the prompt's end, each capped at floor(n/2): pyreft's "
+            "get_intervention_locations with last_position = n, as in make_multiple_position_"
+            "supervised_data_module, ReftRawDataset and ReftPreferenceDataset", 0),
+    "end-1": ("the windows end before the prompt's last token (last_position = n - 1): pyreft's "
+              "ReftClassificationDataset, ReftGenerationDataset and ReftSupervisedDataset", 1),
+    "last-token": ("the prompt's last token, uncapped: make_last_position_supervised_data_module "
+                   "and its _chat_ twin (positions l1)", 0),
+}
+DEFAULT_CONVENTION = "end"
 
 
 def _type_from_class(text: Any) -> str:
-    """'loreft' / 'noreft' from config.json's "<class 'pyreft.interventions.X'>" (never imported)."""
+    """The type from config.json's "<class 'pyreft.interventions.X'>" (never imported)."""
     m = re.fullmatch(r"<class 'pyreft\.interventions\.(\w+)'>", text) if isinstance(text, str) else None
-    if m and m[1] in PYREFT_CLASSES:
-        return PYREFT_CLASSES[m[1]]
-    if m and m[1] in REFUSED_CLASSES:
-        raise ReftError(f"intervention type {REFUSED_CLASSES[m[1]]} ({text}) cannot be converted: "
-                        "a .reft patch holds LoReFT and NoReFT interventions")
-    raise ReftError(f"intervention type {text!r:.120} is not a pyreft LoreftIntervention or "
-                    "NoreftIntervention")
+    if m and m[1] in types.BY_PYREFT:
+        return types.BY_PYREFT[m[1]].name
+    raise ReftError(f"intervention type {text!r:.120} is not one of pyreft's classes "
+                    f"({', '.join(types.BY_PYREFT)})")
 
 
-def _type_from_tensors(state: dict[str, StoredTensor]) -> str:
-    """'loreft', or 'noreft|nodireft' (same tensors), from the state dict's names."""
-    names = set(state) - BUFFERS
-    if names == LOREFT_KEYS:
-        return "loreft"
-    if NOREFT_KEYS <= names <= NOREFT_KEYS | {"proj_layer.bias"}:
-        return "noreft|nodireft"
-    if "rotate_layer.parametrizations.weight.original" in names:
-        kind = "DiReFT" if "learned_source.weight" in names else "ConsReFT or LobiReFT"
-        raise ReftError(f"tensors {sorted(names)} are those of a {kind} intervention, which cannot "
-                        "be converted (a .reft patch holds LoReFT and NoReFT interventions)")
-    raise ReftError(f"tensors {sorted(state)}: not a pyreft LoReFT ({sorted(LOREFT_KEYS)}) or "
-                    f"NoReFT ({sorted(NOREFT_KEYS)}) state dict")
+def _tensors(state: dict[str, StoredTensor], declared: str | None,
+             n_embd: int) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray, int]:
+    """(type, R, W or None, b, storage dtype) of one intervention, every shape checked."""
+    lay = layout.layout_of(set(state))
+    itype = _resolve_type(lay.types, declared)
+    names = [k for k in state if k not in layout.BUFFERS]
+    bad = [f"{k}: {state[k].dtype} tensor, expected floating point" for k in names
+           if state[k].dtype not in FLOATING]
+    if bad:
+        raise ReftError("; ".join(bad))
+    arrays = {k: state[k].values for k in names}
+    layout.check_shapes(lay, arrays, n_embd)
+    rotate, weight, bias, exact = layout.read(itype, arrays)
+    used = [k for k in names if not (k == "proj_layer.bias" and itype == "nodireft")]
+    return itype, rotate, weight, bias, layout.storage_dtype({state[k].dtype for k in used}, exact)
 
 
-def _tensors(state: dict[str, StoredTensor], itype: str,
-             n_embd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(R, W, b, storage dtype) of one intervention, every shape checked against n_embd."""
-    if itype == "loreft":
-        roles = {"weight": "rd", "bias": "r", "rotate_layer": "dr"}
-    else:
-        roles = {"learned_source.weight": "rd", "learned_source.bias": "r", "proj_layer.weight": "rd"}
-        roles.update({"proj_layer.bias": "r"} if "proj_layer.bias" in state else {})
-    w = next(iter(roles))
-    if state[w].values.ndim != 2:
-        raise ReftError(f"{w}: shape {state[w].values.shape}, expected (rank, n_embd)")
-    r, d = state[w].values.shape
-    if d != n_embd:
-        raise ReftError(f"{w}: shape {(r, d)}: hidden size {d}, but the base model has n_embd "
-                        f"{n_embd} (was this checkpoint trained on another model?)")
-    problems = []
-    for name, dims in roles.items():
-        want, t = tuple({"r": r, "d": d}[c] for c in dims), state[name]
-        if t.dtype not in FLOATING:
-            problems.append(f"{name}: {t.dtype} tensor, expected floating point")
-        elif t.values.shape != want:
-            problems.append(f"{name}: shape {t.values.shape}, expected {want} (rank {r}, n_embd {d})")
-    if problems:
-        raise ReftError("; ".join(problems))
-    dtypes = {state[n].dtype for n in roles}
-    if itype == "loreft":
-        rot, weight, bias = state["rotate_layer"].values.T, state["weight"].values, state["bias"].values
-    else:
-        rot, weight = state["proj_layer.weight"].values, state["learned_source.weight"].values
-        bias = state["learned_source.bias"].values
-        if "proj_layer.bias" in state:  # W1 h + b1 - (W2 h + b2): one bias b1 - b2, float32
-            bias, dtypes = bias - state["proj_layer.bias"].values, {"float32"}
-    # a patch stores 16-bit values losslessly only when all three are of that one type
-    dtype = {"bfloat16": spec.GGML_BF16, "float16": spec.GGML_F16}.get(dtypes.pop(), spec.GGML_F32) \
-        if len(dtypes) == 1 else spec.GGML_F32
-    return rot, weight, bias, dtype
+def _resolve_type(candidates: tuple[str, ...], declared: str | None) -> str:
+    if declared is not None:
+        if declared in candidates:
+            return declared
+        raise ReftError(f"the tensors are those of {' or '.join(types.TYPES[t].pyreft for t in candidates)}, "
+                        f"but the declared type is {declared}")
+    if len(candidates) == 1:
+        return candidates[0]
+    a, b = candidates
+    raise ReftError(f"{types.TYPES[a].pyreft} and {types.TYPES[b].pyreft} save the same tensors and "
+                    f"there is no config.json to tell them apart: pass --type {a} or --type {b}")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -234,9 +204,30 @@ def _keys_and_types(folder: Path, config: dict[str, Any] | None,
     return out
 
 
-def _rules(keys: list[PyreftKey], rule: PositionRule, share_weights: bool) -> list[PositionRule]:
+def pyreft_rules(positions: str, untied: bool, convention: str) -> tuple[PositionRule, ...]:
+    """The exact rules of pyreft's ``positions`` under ``convention``: one rule, or (first window,
+    last window) for an untied f<N>+l<M> (two interventions per layer)."""
+    if convention not in CONVENTIONS:
+        raise ReftError(f"dataset convention {convention!r}: expected one of {', '.join(CONVENTIONS)}")
+    rule = PositionRule.parse(positions)
+    if rule.all or rule.end or (rule.paired and not (rule.first and rule.last)):
+        raise ReftError(f"positions {positions!r}: pyreft's --positions are 'f<N>', 'l<N>' or 'f<N>+l<M>'")
+    if convention == "last-token":
+        if str(rule) != "l1":
+            raise ReftError(f"positions {positions!r}: make_last_position_supervised_data_module "
+                            "edits the last prompt token only; pass --positions l1")
+        return (rule,)
+    end = CONVENTIONS[convention][1]
+    if untied:
+        return (PositionRule(rule.first, 0, paired=True, end=end), PositionRule(0, rule.last, paired=True, end=end))
+    return (PositionRule(rule.first, rule.last, paired=True, end=end),)
+
+
+def _rules(keys: list[PyreftKey], positions: str, share_weights: bool, convention: str) -> list[PositionRule]:
     """Each intervention's rule: pyreft's one setting, split into f and l when untied."""
-    untied = bool(rule.first and rule.last and not share_weights)
+    parsed = PositionRule.parse(positions)
+    untied = bool(parsed.first and parsed.last and not share_weights)
+    rules = pyreft_rules(positions, untied, convention)
     per_layer: dict[int, list[int]] = {}
     for k in keys:
         per_layer.setdefault(k.layer, []).append(k.index)
@@ -245,15 +236,13 @@ def _rules(keys: list[PyreftKey], rule: PositionRule, share_weights: bool) -> li
         if sorted(found) == want:
             continue
         if untied:
-            hint = f"untied {rule} (no --share-weights) trains two per layer: #0 first, #1 last tokens"
+            hint = f"untied {positions} (no --share-weights) trains two per layer: #0 first, #1 last tokens"
         elif sorted(found) == [0, 1]:
             hint = "pyreft trains two per layer for untied f<N>+l<M>: pass those --positions, no --share-weights"
         else:
             hint = "expected one per layer"
         raise ReftError(f"layer {layer} has interventions {', '.join(f'#{i}' for i in sorted(found))}; {hint}")
-    if not untied:
-        return [rule] * len(keys)
-    return [PositionRule(first=rule.first) if k.index == 0 else PositionRule(last=rule.last) for k in keys]
+    return [rules[k.index] if untied else rules[0] for k in keys]
 
 
 def find_checkpoint(folder: str | os.PathLike[str]) -> Path:
@@ -270,9 +259,18 @@ def find_checkpoint(folder: str | os.PathLike[str]) -> Path:
 
 
 def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str, share_weights: bool = False,
-                *, name: str = "", intervention_type: str | None = None) -> Patch:
-    """A Patch from a pyreft checkpoint folder; every problem found is reported in one error."""
-    rule = PositionRule.parse(positions)
+                *, convention: str | None = None, name: str = "", intervention_type: str | None = None) -> Patch:
+    """A Patch from a pyreft checkpoint folder; every problem found is reported in one error.
+    ``convention`` (``CONVENTIONS``) None: DEFAULT_CONVENTION, with a warning (pyreft saves none)."""
+    if convention is None:
+        warnings.warn(f"pyreft does not record which data module placed the intervention positions; "
+                      f"assuming --dataset-convention {DEFAULT_CONVENTION} ({CONVENTIONS[DEFAULT_CONVENTION][0]}). "
+                      "Pass --dataset-convention end-1 for ReftSupervisedDataset and its siblings, "
+                      "last-token for make_last_position_supervised_data_module", stacklevel=2)
+        convention = DEFAULT_CONVENTION
+    if intervention_type is not None and intervention_type not in types.TYPES:
+        raise ReftError(f"--type {intervention_type!r}: expected one of {', '.join(types.TYPES)}")
+    pyreft_rules(positions, False, convention)  # the arguments' own errors first
     d = find_checkpoint(folder)
     config, problems = _read_config(d), []
     listed = _keys_and_types(d, config, problems)
@@ -290,17 +288,15 @@ def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str,
             if not path.is_file():
                 raise ReftError("file missing (listed in config.json's sorted_keys)")
             state = read_state_dict(path)
-            itype = _type_from_tensors(state)
-            itype = _resolve_type(itype, config_type or intervention_type)
             keys.append(key)
-            found.append((itype, *_tensors(state, itype, base.n_embd)))
+            found.append(_tensors(state, config_type or intervention_type, base.n_embd))
         except ReftFormatError as e:  # the archive's own problems name its path already
             problems += [f"{e.path}: {p}" for p in e.problems]
         except ReftError as e:
             problems.append(f"{path}: {e}")
     if not problems:
         try:
-            rules = _rules(keys, rule, share_weights)
+            rules = _rules(keys, positions, share_weights, convention)
         except ReftError as e:
             problems.append(f"{d}: {e}")
     if problems:
@@ -308,71 +304,88 @@ def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str,
     ivs = [Intervention(k.layer, r, rot, w, b, itype, "block_output", dt)
            for k, r, (itype, rot, w, b, dt) in zip(keys, rules, found)]
     provenance = {"converted_from": "pyreft", "pyreft_keys": [k.text for k in keys],
-                  "pyreft_positions": positions, "pyreft_share_weights": share_weights}
+                  "pyreft_positions": positions, "pyreft_share_weights": share_weights,
+                  "pyreft_dataset_convention": convention}
     if config and isinstance(config.get("transformers_version"), str):
         provenance["pyreft_transformers_version"] = config["transformers_version"]
     return Patch(base, tuple(ivs), name or d.name, f"converted from the pyreft checkpoint {d.name}",
                  provenance, source=str(d))
 
 
-def _resolve_type(from_tensors: str, declared: str | None) -> str:
-    if from_tensors == "loreft" and declared in (None, "loreft"):
-        return "loreft"
-    if from_tensors == "noreft|nodireft" and declared == "noreft":
-        return "noreft"
-    if from_tensors == "noreft|nodireft" and declared is None:
-        raise ReftError("NoReFT and NodiReFT store the same tensors and there is no config.json to "
-                        "tell them apart: pass --type noreft if this is NoReFT (NodiReFT cannot be converted)")
-    raise ReftError(f"the tensors are those of {from_tensors.replace('|', ' or ')}, but the "
-                    f"declared type is {declared}")
-
-
 def convert(folder: str | os.PathLike[str], base: str | os.PathLike[str], out: str | os.PathLike[str],
-            positions: str, share_weights: bool = False, *, name: str = "",
+            positions: str, share_weights: bool = False, *, convention: str | None = None, name: str = "",
             intervention_type: str | None = None, force: bool = False) -> Patch:
     """Convert a pyreft checkpoint for the model ``base`` (.gguf or HF folder); write ``out``
     atomically and return the patch as read back from it."""
     check_output(out, [folder, base], force=force)
-    patch = from_pyreft(folder, base_model(base), positions, share_weights, name=name,
-                        intervention_type=intervention_type)
+    patch = from_pyreft(folder, base_model(base), positions, share_weights, convention=convention,
+                        name=name, intervention_type=intervention_type)
     return load_patch(save_patch(patch, out))
 
 
 # ---- .reft -> pyreft ------------------------------------------------------------------------
 
-def pyreft_positions(patch: Patch) -> tuple[str, bool]:
-    """The pyreft (positions, share_weights) that reproduces the patch's position rules."""
-    rules = [iv.positions for iv in patch.interventions]
-    layers = Counter(iv.layer for iv in patch.interventions)
-    if len(set(rules)) == 1 and max(layers.values()) == 1:
-        return str(rules[0]), bool(rules[0].first and rules[0].last)
+@dataclass(frozen=True)
+class PyreftSetting:
+    """How to load a patch written by ``to_pyreft`` in pyreft: its positions, share_weights and
+    dataset convention, and whether pyreft then edits exactly what edge-reft edits."""
+    positions: str
+    share_weights: bool
+    convention: str
+    exact: bool
+
+    def __str__(self) -> str:
+        note = "" if self.exact else (" (approximate: these rules cap a lone window at n where pyreft "
+                                      "caps it at floor(n/2), so prompts shorter than twice the window "
+                                      "are edited differently)")
+        return (f"positions={self.positions!r}, share_weights={self.share_weights}, with "
+                f"{CONVENTIONS[self.convention][0]}{note}")
+
+
+def pyreft_positions(patch: Patch) -> PyreftSetting:
+    """The pyreft setting that reproduces the patch's position rules."""
     by_layer: dict[int, list[PositionRule]] = {}
     for iv in patch.interventions:
         by_layer.setdefault(iv.layer, []).append(iv.positions)
-    pairs = {tuple(v) for v in by_layer.values()}
-    pair = pairs.pop() if len(pairs) == 1 else ()
-    if len(pair) == 2 and pair[0].first and not pair[0].last and pair[1].last and not pair[1].first:
-        return f"f{pair[0].first}+l{pair[1].last}", False
-    raise ReftError(f"{patch.source}: pyreft applies one position setting to every intervention; "
-                    f"these rules ({', '.join(f'layer {iv.layer}: {iv.positions}' for iv in patch.interventions)}) "
-                    "are neither one rule with one intervention per layer nor untied f<N>/l<M> pairs")
+    groups = {tuple(v) for v in by_layer.values()}
+    group = groups.pop() if len(groups) == 1 else ()
+    ends = {r.end for r in group}
+    fail = ReftError(
+        f"{patch.source}: pyreft applies one position setting to every intervention; these rules "
+        f"({', '.join(f'layer {iv.layer}: {iv.positions}' for iv in patch.interventions)}) are "
+        "neither one rule with one intervention per layer nor untied f<N>/l<M> pairs, ending at the "
+        "prompt's end or one token before it")
+    if not group or len(ends) != 1 or ends.pop() not in (0, 1) or any(r.all for r in group):
+        raise fail
+    end = group[0].end
+    convention = "end-1" if end else "end"
+    if len(group) == 1:
+        r = group[0]
+        if str(r) == "l1":
+            return PyreftSetting("l1", False, "last-token", True)
+        text = "+".join(([f"f{r.first}"] if r.first else []) + ([f"l{r.last}"] if r.last else []))
+        return PyreftSetting(text, bool(r.first and r.last), convention, r.paired)
+    a, b = group if len(group) == 2 else (None, None)
+    if a is None or not (a.first and not a.last and b.last and not b.first):
+        raise fail
+    return PyreftSetting(f"f{a.first}+l{b.last}", False, convention, a.paired and b.paired)
 
 
-def to_pyreft(patch: Patch, folder: str | os.PathLike[str]) -> tuple[str, bool]:
+def to_pyreft(patch: Patch, folder: str | os.PathLike[str]) -> PyreftSetting:
     """Write ``patch`` as a pyreft save folder (pyvene 0.1.8 layout; needs torch) into a new or
-    empty ``folder``; return the (positions, share_weights) to load it with."""
+    empty ``folder``; return the setting to load it with."""
     try:
         import torch  # noqa: F401
     except ImportError:
         raise ReftError("to-pyreft writes torch.save files and needs torch: pip install torch") from None
-    positions, share_weights = pyreft_positions(patch)
+    setting = pyreft_positions(patch)
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReftError(f"{out}: exists and is not an empty folder; to-pyreft writes a new folder")
     check_output(out, [patch.source], folder=True, flag="--out")
     with atomic_dir(out, replace=True) as tmp:  # replaces at most an empty folder
         _write_pyreft(patch, tmp)
-    return positions, share_weights
+    return setting
 
 
 def _write_pyreft(patch: Patch, tmp: Path) -> None:
@@ -386,17 +399,15 @@ def _write_pyreft(patch: Patch, tmp: Path) -> None:
         key = f"layer_{iv.layer}_comp_block_output_unit_pos_nunit_1#{counter[iv.layer]}"
         counter[iv.layer] += 1
         dtype = {spec.GGML_F16: torch.float16, spec.GGML_BF16: torch.bfloat16}.get(iv.dtype, torch.float32)
-        t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)  # noqa: E731 (lossless)
-        if iv.type == "loreft":  # LoreftIntervention.state_dict(): Linear's, then R^T
-            state = OrderedDict(weight=t(iv.weight), bias=t(iv.bias), rotate_layer=t(iv.rotate.T))
-        else:  # NoreftIntervention: nn.Module.state_dict(), no proj_layer bias
-            dim = torch.tensor(patch.base.n_embd)
-            state = OrderedDict([("embed_dim", dim), ("interchange_dim", dim.clone()),
-                                 ("proj_layer.weight", t(iv.rotate)),
-                                 ("learned_source.weight", t(iv.weight)), ("learned_source.bias", t(iv.bias))])
+        state = OrderedDict()
+        for k, v in layout.write(iv.type, iv.rotate, iv.weight, iv.bias, patch.base.n_embd).items():
+            if isinstance(v, int):  # pyvene's embed_dim / interchange_dim buffers
+                state[k] = torch.tensor(v)
+            else:  # lossless: the patch's values are of the storage type (the parametrization: float32)
+                t = torch.from_numpy(np.array(v, dtype=np.float32))
+                state[k] = t if k.startswith("rotate_layer.parametrizations") else t.to(dtype)
         torch.save(state, tmp / f"intkey_{key}.bin")
-        cls = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention"}[iv.type]
-        config["intervention_types"].append(f"<class 'pyreft.interventions.{cls}'>")
+        config["intervention_types"].append(f"<class 'pyreft.interventions.{types.TYPES[iv.type].pyreft}'>")
         config["intervention_dimensions"].append(patch.base.n_embd)
         config["intervention_constant_sources"].append(True)
         config["representations"].append([iv.layer, "block_output", "pos", 1, iv.rank] + [None] * 9)

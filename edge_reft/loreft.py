@@ -1,37 +1,33 @@
 """The reference math, in numpy and float32: every backend agrees with this.
 
-LoReFT at one layer, on selected positions:
-
-    h <- h + R^T (W h + b - R h)
-
-computed, for rows h of an (n, d) matrix, as ``h + (h @ (W - R)^T + b) @ R``:
-one (n, d) x (d, r) and one (n, r) x (r, d) product, with ``W - R`` formed
-once per patch.  The torch twin (``loreft_torch``) and the native gate use
-the same order of operations.
+Every intervention type is an edit h <- h + A^T (B h + c) of the selected rows
+(``edge_reft.interventions`` derives A, B, c from a type's stored tensors;
+for LoReFT, h + R^T (W h + b - R h): A = R, B = W - R, c = b), computed for
+rows h of an (n, d) matrix as ``h + (h @ B^T + c) @ A``: one (n, d) x (d, r)
+and one (n, r) x (r, d) product, with B formed once per patch.  The torch twin
+(``train/loreft_torch``), the native gate and the ONNX graph use the same order
+of operations.
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def delta_weight(rotate: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``W - R`` in float32, the one matrix the edit multiplies h by."""
-    return np.ascontiguousarray(weight, dtype=np.float32) - np.ascontiguousarray(rotate, dtype=np.float32)
-
-
 def edit(h: np.ndarray, rotate: np.ndarray, delta: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Return the edited rows: ``h + (h @ delta.T + bias) @ rotate`` (all float32).
 
-    ``h`` is (n, d); ``rotate`` and ``delta`` (= W - R) are (r, d); ``bias`` is (r,).
+    ``h`` is (n, d); ``rotate`` (A) and ``delta`` (B, e.g. W - R) are (r, d); ``bias`` (c) is (r,).
     """
     h = np.asarray(h, dtype=np.float32)
     return h + (h @ delta.T + bias) @ rotate
 
 
-def loreft(h: np.ndarray, rotate: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """The closed form, for readers and tests: h + R^T (W h + b - R h), row-wise."""
-    return edit(h, np.asarray(rotate, np.float32), delta_weight(rotate, weight),
-                np.asarray(bias, np.float32))
+def apply(type: str, h: np.ndarray, rotate: np.ndarray, weight: np.ndarray | None,
+          bias: np.ndarray) -> np.ndarray:
+    """An intervention of ``type`` applied to every row of ``h`` (float32)."""
+    from .interventions import TYPES
+    f32 = (lambda a: None if a is None else np.asarray(a, np.float32))  # noqa: E731
+    return edit(h, *TYPES[type].compile(f32(rotate), f32(weight), f32(bias)))
 
 
 def orthonormality_error(rotate: np.ndarray) -> float:

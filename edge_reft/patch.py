@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import interventions as types
 from . import spec
 from .errors import PatchMismatchError, PositionError, ReftFormatError
 from .loreft import orthonormality_error
@@ -43,21 +44,27 @@ def _frozen_f32(a: Any) -> np.ndarray:
 def intervention_problems(where: str, *, type: str, layer: Any, component: Any, positions: Any,
                           rank: Any, rotate: np.ndarray | None, weight: np.ndarray | None,
                           bias: np.ndarray | None, n_embd: int, n_layer: int,
-                          rotate_dtype: int = spec.GGML_F32) -> list[str]:
-    """Every problem of one intervention, each naming its field (the reader's and the builder's check)."""
+                          rotate_dtype: int = spec.GGML_F32, version: int = spec.REFT_VERSION) -> list[str]:
+    """Every problem of one intervention, each naming its field (the reader's and the builder's
+    check); ``version`` is the file's ``reft.version`` (what it may use)."""
     out: list[str] = []
-    if type not in spec.INTERVENTION_TYPES:
-        out.append(f"{where}.type: {type!r} is not a known intervention type "
-                   f"(expected one of {sorted(spec.INTERVENTION_TYPES)})")
+    itype = types.get(type)
+    if itype is None:
+        out.append(f"{where}.type: {str(type)[:80]!r} is not a known intervention type "
+                   f"(expected one of {', '.join(types.TYPES)})")
+    elif itype.version > version:
+        out.append(f"{where}.type: {type!r} needs reft.version {itype.version}; the file says {version}")
     if not isinstance(layer, int) or not 0 <= layer < n_layer:
         out.append(f"{where}.layer: {layer!r} is outside the base model's blocks 0..{n_layer - 1}")
     if component not in spec.COMPONENTS:
         out.append(f"{where}.component: {component!r} is not supported (expected {spec.COMPONENTS[0]!r})")
-    if not isinstance(positions, PositionRule):
-        try:
-            PositionRule.parse(positions)
-        except PositionError as e:
-            out.append(f"{where}.positions: {e}")
+    try:
+        rule = positions if isinstance(positions, PositionRule) else PositionRule.parse(positions)
+        if rule.version > version:
+            out.append(f"{where}.positions: {str(rule)!r} needs reft.version {rule.version}; "
+                       f"the file says {version}")
+    except PositionError as e:
+        out.append(f"{where}.positions: {e}")
     if not isinstance(rank, int) or not 1 <= rank <= min(n_embd, spec.MAX_RANK):
         out.append(f"{where}.rank: {rank!r} is not in 1..{min(n_embd, spec.MAX_RANK)}")
         return out  # shapes cannot be checked against a bad rank
@@ -66,7 +73,10 @@ def intervention_problems(where: str, *, type: str, layer: Any, component: Any, 
     rotate_ok = False
     for role, (arr, want) in shapes.items():
         name = f"{where}.{role}"
-        if arr is None:
+        if itype is not None and role not in itype.stored:
+            if arr is not None:
+                out.append(f"{name}: a {type} intervention stores no {role} ({itype.formula})")
+        elif arr is None:
             out.append(f"{name}: tensor missing")
         elif arr.shape != want:
             out.append(f"{name}: shape {tuple(arr.shape)}, expected {want} (rank {rank}, n_embd {n_embd})")
@@ -77,23 +87,24 @@ def intervention_problems(where: str, *, type: str, layer: Any, component: Any, 
                        f"the limit of {spec.MAX_ABS_VALUE:g} (FORMAT.md, Validation and limits)")
         else:
             rotate_ok = rotate_ok or role == spec.ROTATE
-    itype = spec.INTERVENTION_TYPES.get(type)
     if rotate_ok and itype is not None and itype.orthonormal:
         err, tol = orthonormality_error(rotate), spec.orthonormal_tolerance(rotate_dtype)
         if not err <= tol:
             out.append(f"{where}.rotate: rows are not orthonormal (max |R R^T - I| = {err:.3g}, "
-                       f"tolerance {tol:.3g} for {spec.TENSOR_DTYPES[rotate_dtype]})")
+                       f"tolerance {tol:.3g} for {spec.TENSOR_DTYPES[rotate_dtype]}; "
+                       f"type {type} needs R orthonormal)")
     return out
 
 
 @dataclass(frozen=True, eq=False)
 class Intervention:
-    """One learned edit h <- h + R^T (W h + b - R h) at one layer and a set of positions."""
+    """One learned edit at one layer and a set of positions: ``type`` names its math
+    (``edge_reft.interventions``); ``weight`` is None for types that store none."""
     layer: int
     positions: PositionRule
-    rotate: np.ndarray   # (r, d)
-    weight: np.ndarray   # (r, d)
-    bias: np.ndarray     # (r,)
+    rotate: np.ndarray          # (r, d): R, or P for the unconstrained types
+    weight: np.ndarray | None   # (r, d): W
+    bias: np.ndarray            # (r,): b
     type: str = "loreft"
     component: str = "block_output"
     dtype: int = spec.GGML_F32  # storage type in a file (computation is always float32)
@@ -101,8 +112,9 @@ class Intervention:
     def __post_init__(self) -> None:
         if isinstance(self.positions, str):
             object.__setattr__(self, "positions", PositionRule.parse(self.positions))
-        for role in (spec.ROTATE, spec.WEIGHT, spec.BIAS):
-            object.__setattr__(self, role, _frozen_f32(getattr(self, role)))
+        for role in types.ROLES:
+            if getattr(self, role) is not None:
+                object.__setattr__(self, role, _frozen_f32(getattr(self, role)))
         if self.dtype not in spec.TENSOR_DTYPES:
             raise ReftFormatError("<intervention>", f"dtype: {self.dtype} is not one of "
                                   f"{sorted(spec.TENSOR_DTYPES.values())}")
@@ -112,8 +124,24 @@ class Intervention:
         return int(self.rotate.shape[0])
 
     @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The stored tensors by role (rotate, weight, bias), without the absent ones."""
+        return {r: a for r in types.ROLES if (a := getattr(self, r)) is not None}
+
+    @property
     def n_params(self) -> int:
-        return self.rotate.size + self.weight.size + self.bias.size
+        return sum(a.size for a in self.arrays.values())
+
+    @property
+    def version(self) -> int:
+        """The first format version that can hold this intervention."""
+        itype = types.get(self.type)
+        return max(itype.version if itype else 1, self.positions.version)
+
+    def compiled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A, B, c) of h + A^T (B h + c), float32: what every runtime applies."""
+        a, b, c = types.TYPES[self.type].compile(self.rotate, self.weight, self.bias)
+        return a, np.ascontiguousarray(b, dtype=np.float32), c
 
     def problems(self, where: str, n_embd: int, n_layer: int) -> list[str]:
         return intervention_problems(
@@ -156,6 +184,12 @@ class Patch:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted({iv.layer for iv in self.interventions}))
+
+    @property
+    def version(self) -> int:
+        """The `reft.version` a file of this patch carries: the lowest that holds it, so a patch
+        that uses nothing new stays readable by version-1 readers."""
+        return max(iv.version for iv in self.interventions)
 
     def check_base(self, model: BaseModel, allow_mismatch: bool = False) -> None:
         """Refuse this patch on another model than its own (``allow_mismatch`` overrides)."""

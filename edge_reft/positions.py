@@ -1,10 +1,19 @@
 """Which token positions an intervention edits: the one implementation.
 
-Rules, in pyreft's terms: ``f<N>`` (first N prompt tokens), ``l<N>`` (last N
-prompt tokens), ``f<N>+l<M>``, and ``all`` (every position, prompt and
-generated).  With both f and l, each window is capped at floor(n/2) for a
-prompt of n tokens, so the two never overlap (pyreft's rule); a window alone
-is capped at n.  Prompt-scoped rules edit during prefill only.
+Rules, in pyreft's terms, for a prompt of n tokens:
+
+- ``f<N>`` / ``l<N>``: the first / last min(N, n) prompt tokens;
+- ``f<N>+l<M>``: both windows, each capped at floor(n/2), so they never overlap
+  (pyreft's rule).  Format 2 lets one side be 0: ``f0+l<M>`` is pyreft's own
+  reading of ``l<M>`` (get_intervention_locations caps a lone window at
+  floor(n/2) too), and an untied pyreft f+l pair is ``f<N>+l0`` and ``f0+l<M>``;
+- a ``:-K`` suffix (format 2) ends the windows K tokens before the prompt's end:
+  the rule is applied to the first n - K tokens (pyreft's ReftSupervisedDataset
+  and its siblings use ``last_position = n - 1``, i.e. ``:-1``);
+- ``all``: every position, prompt and generated.
+
+Prompt-scoped rules edit during prefill only.  A rule may select nothing in a
+short prompt (``f0+l1`` of one token); an empty prompt is an error.
 """
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ import numpy as np
 
 from .errors import PositionError
 
-_RULE = re.compile(r"^(?:f([1-9][0-9]{0,5}))?(\+)?(?:l([1-9][0-9]{0,5}))?$")
+_N = r"(0|[1-9][0-9]{0,5})"
+_RULE = re.compile(rf"\A(?:f{_N})?(\+)?(?:l{_N})?(?::-([1-9][0-9]{{0,5}}))?\Z")
 
 
 @dataclass(frozen=True)
@@ -24,27 +34,56 @@ class PositionRule:
     first: int = 0
     last: int = 0
     all: bool = False
+    paired: bool = False   # written f<N>+l<M>: every window capped at floor(n/2)
+    end: int = 0           # the windows end this many tokens before the prompt's end
+
+    def __post_init__(self) -> None:
+        if not self.paired and not self.all:  # a lone window or both: pair them as pyreft does
+            object.__setattr__(self, "paired", bool(self.first and self.last))
 
     @classmethod
     def parse(cls, text: str) -> "PositionRule":
-        """Parse ``f3``, ``l1``, ``f1+l1`` or ``all`` (strict: no spaces, no zero windows)."""
+        """Parse ``f3``, ``l1``, ``f1+l1``, ``f0+l4``, ``l1:-1`` or ``all`` (strict: no spaces)."""
         if text == "all":
             return cls(all=True)
         m = _RULE.match(text) if isinstance(text, str) else None
-        if not m or not (m.group(1) or m.group(3)) or bool(m.group(2)) != bool(m.group(1) and m.group(3)):
-            raise PositionError(f"position rule {text!r}: expected 'f<N>', 'l<N>', 'f<N>+l<M>' "
-                                "or 'all' with N, M >= 1 (e.g. 'l1', 'f1+l1')")
-        return cls(first=int(m.group(1) or 0), last=int(m.group(3) or 0))
+        ok = m is not None and (m.group(1) is not None or m.group(3) is not None)
+        if ok:
+            paired = bool(m.group(2))
+            f, l = int(m.group(1) or 0), int(m.group(3) or 0)
+            ok = (paired == (m.group(1) is not None and m.group(3) is not None)
+                  and (f or l) and (paired or (f if m.group(1) else l)))
+        if not ok:
+            raise PositionError(
+                f"position rule {str(text)[:80]!r}: expected 'f<N>', 'l<N>', 'f<N>+l<M>' or 'all' "
+                "(N, M >= 1; in f<N>+l<M> one of them may be 0), optionally followed by ':-K' to end "
+                "the windows K tokens before the prompt's end (e.g. 'l1', 'f1+l1', 'f0+l4', 'l1:-1')")
+        return cls(first=f, last=l, paired=paired, end=int(m.group(4) or 0))
 
     def __str__(self) -> str:
         if self.all:
             return "all"
-        parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
-        return "+".join(parts)
+        text = f"f{self.first}+l{self.last}" if self.paired else (
+            f"f{self.first}" if self.first else f"l{self.last}")
+        return text + (f":-{self.end}" if self.end else "")
+
+    @property
+    def version(self) -> int:
+        """The first `.reft` format version that can state this rule."""
+        return 2 if self.end or (self.paired and not (self.first and self.last)) else 1
 
     @property
     def prompt_scoped(self) -> bool:
         return not self.all
+
+    def describe(self) -> str:
+        """The rule in words, for ``inspect``."""
+        if self.all:
+            return "every position, prompt and generated"
+        span = "prompt" if not self.end else f"prompt less its last {self.end}"
+        parts = ([f"first {self.first}"] if self.first else []) + ([f"last {self.last}"] if self.last else [])
+        cap = "each capped at floor(n/2)" if self.paired else "capped at n"
+        return f"{' and '.join(parts)} tokens of the {span}, {cap}"
 
     def windows(self, n: int) -> tuple[int, int]:
         """(first, last) window sizes for a prompt of ``n`` tokens, after capping."""
@@ -53,13 +92,15 @@ class PositionRule:
                                 "least one prompt token to edit")
         if self.all:
             return n, 0
-        cap = n // 2 if (self.first and self.last) else n
+        m = max(n - self.end, 0)
+        cap = m // 2 if self.paired else m
         return min(self.first, cap), min(self.last, cap)
 
     def select(self, n: int) -> np.ndarray:
-        """Sorted, unique prompt positions edited in a prompt of ``n`` tokens."""
+        """Sorted, unique prompt positions edited in a prompt of ``n`` tokens (maybe none)."""
         f, l = self.windows(n)
-        return np.unique(np.concatenate([np.arange(f), np.arange(n - l, n)]).astype(np.int64))
+        m = n if self.all else max(n - self.end, 0)
+        return np.unique(np.concatenate([np.arange(f), np.arange(m - l, m)]).astype(np.int64))
 
     def mask(self, n: int) -> np.ndarray:
         """Boolean mask over the ``n`` prompt positions."""
@@ -68,8 +109,10 @@ class PositionRule:
         return m
 
     def first_edited(self, n: int) -> int:
-        """The lowest edited prompt position (everything before it is patch-independent)."""
-        return int(self.select(n)[0])
+        """The lowest edited prompt position, ``n`` if none (everything before it is
+        patch-independent)."""
+        sel = self.select(n)
+        return int(sel[0]) if sel.size else n
 
 
 def edit_signature(rules: Sequence[PositionRule], n_prompt: int, n_total: int) -> np.ndarray:

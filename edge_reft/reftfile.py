@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import ggufscan as gs
+from . import interventions as types
 from . import spec
 from .errors import ReftFormatError
 from .files import atomic_path
@@ -67,10 +68,14 @@ def load_patch(path: str | os.PathLike[str], *, model: BaseModel | None = None,
         problems.append(f"header version: {g.version}, expected {spec.GGUF_VERSION}")
     vals = {k: _typed(f, k, t, problems) for k, t in spec.REQUIRED_FIELDS.items()}
     opt = {k: _typed(f, k, t, problems, required=False) for k, t in spec.OPTIONAL_FIELDS.items()}
-    for k, want in ((spec.GENERAL_TYPE, spec.GENERAL_TYPE_VALUE), (spec.ADAPTER_TYPE, spec.ADAPTER_TYPE_VALUE),
-                    (spec.REFT_VERSION_KEY, spec.REFT_VERSION)):
+    for k, want in ((spec.GENERAL_TYPE, spec.GENERAL_TYPE_VALUE), (spec.ADAPTER_TYPE, spec.ADAPTER_TYPE_VALUE)):
         if vals[k] is not None and vals[k] != want:
             problems.append(f"{k}: {vals[k]!r}, expected {want!r}")
+    version = vals[spec.REFT_VERSION_KEY]
+    if version is not None and version not in spec.READ_VERSIONS:
+        newer = " (a newer edge-reft wrote it: upgrade to read it)" if version > spec.REFT_VERSION else ""
+        problems.append(f"{spec.REFT_VERSION_KEY}: {version}, expected one of "
+                        f"{', '.join(map(str, spec.READ_VERSIONS))}{newer}")
     n_embd, n_layer, count = vals[spec.BASE_N_EMBD], vals[spec.BASE_N_LAYER], vals[spec.COUNT]
     fp = vals[spec.BASE_FINGERPRINT]
     if None not in (n_embd, n_layer, fp, vals[spec.GENERAL_ARCHITECTURE]):
@@ -83,9 +88,13 @@ def load_patch(path: str | os.PathLike[str], *, model: BaseModel | None = None,
         raise ReftFormatError(p, problems)
 
     tensors = {t.name: t for t in g.tensors}
-    expected = {spec.tensor_name(i, r) for i in range(count) for r in (spec.ROTATE, spec.WEIGHT, spec.BIAS)}
+    metas = [{fld: _typed(f, spec.key(i, fld), t, problems) for fld, t in spec.INTERVENTION_FIELDS.items()}
+             for i in range(count)]
+    # the tensors each intervention's type stores (all three where the type is unknown or missing)
+    roles = [(types.get(m[spec.TYPE]) or types.TYPES["loreft"]).stored for m in metas]
+    expected = {spec.tensor_name(i, r) for i in range(count) for r in roles[i]}
     for extra in sorted(set(tensors) - expected):
-        problems.append(f"tensor {extra!r}: unexpected (reft.count is {count})")
+        problems.append(f"tensor {extra!r}: unexpected ({_why_unexpected(extra, metas, count)})")
     known = set(spec.REQUIRED_FIELDS) | set(spec.OPTIONAL_FIELDS)
     known |= {spec.key(i, fld) for i in range(count) for fld in spec.INTERVENTION_FIELDS}
     for k in f:
@@ -93,10 +102,9 @@ def load_patch(path: str | os.PathLike[str], *, model: BaseModel | None = None,
             problems.append(f"{k}: unexpected key (reft.count is {count})")
 
     interventions = []
-    for i in range(count):
-        meta = {fld: _typed(f, spec.key(i, fld), t, problems) for fld, t in spec.INTERVENTION_FIELDS.items()}
+    for i, meta in enumerate(metas):
         arrays, rdtype = {}, spec.GGML_F32
-        for role in (spec.ROTATE, spec.WEIGHT, spec.BIAS):
+        for role in roles[i]:
             t = tensors.get(spec.tensor_name(i, role))
             if t is None:
                 problems.append(f"tensor {spec.tensor_name(i, role)!r}: missing")
@@ -110,12 +118,12 @@ def load_patch(path: str | os.PathLike[str], *, model: BaseModel | None = None,
             f"reft.{i}", type=meta[spec.TYPE], layer=meta[spec.LAYER], component=meta[spec.COMPONENT],
             positions=meta[spec.POSITIONS], rank=meta[spec.RANK], n_embd=n_embd, n_layer=n_layer,
             rotate=arrays.get(spec.ROTATE), weight=arrays.get(spec.WEIGHT), bias=arrays.get(spec.BIAS),
-            rotate_dtype=rdtype)
+            rotate_dtype=rdtype, version=version)
         problems += found
-        if not found and len(arrays) == 3:
+        if not found and len(arrays) == len(roles[i]):
             interventions.append(Intervention(
                 meta[spec.LAYER], PositionRule.parse(meta[spec.POSITIONS]), arrays[spec.ROTATE],
-                arrays[spec.WEIGHT], arrays[spec.BIAS], meta[spec.TYPE], meta[spec.COMPONENT], rdtype))
+                arrays.get(spec.WEIGHT), arrays[spec.BIAS], meta[spec.TYPE], meta[spec.COMPONENT], rdtype))
     if problems:
         raise ReftFormatError(p, problems)
 
@@ -126,6 +134,16 @@ def load_patch(path: str | os.PathLike[str], *, model: BaseModel | None = None,
     if model is not None:
         patch.check_base(model, allow_mismatch)
     return patch
+
+
+def _why_unexpected(name: str, metas: list[dict[str, Any]], count: int) -> str:
+    """Why a tensor is not one the file should hold: past reft.count, or a role its type lacks."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "reft" and parts[1].isdigit() and int(parts[1]) < count:
+        itype = types.get(metas[int(parts[1])][spec.TYPE])
+        if itype is not None and parts[2] in types.ROLES:
+            return f"a {itype.name} intervention stores {', '.join(itype.stored)}: {itype.formula}"
+    return f"reft.count is {count}"
 
 
 def _plain(v: Any) -> Any:
@@ -143,7 +161,7 @@ def save_patch(patch: Patch, path: str | os.PathLike[str]) -> Path:
         S, U32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
         kv(spec.GENERAL_TYPE, spec.GENERAL_TYPE_VALUE, S)
         kv(spec.ADAPTER_TYPE, spec.ADAPTER_TYPE_VALUE, S)
-        kv(spec.REFT_VERSION_KEY, spec.REFT_VERSION, U32)
+        kv(spec.REFT_VERSION_KEY, patch.version, U32)
         for k, v in ((spec.GENERAL_NAME, patch.name), (spec.GENERAL_DESCRIPTION, patch.description)):
             if v:
                 kv(k, v, S)
@@ -161,8 +179,7 @@ def save_patch(patch: Patch, path: str | os.PathLike[str]) -> Path:
         for k, v in patch.provenance.items():
             _add_provenance(w, gguf, spec.TRAIN_PREFIX + k, v)
         for i, iv in enumerate(patch.interventions):
-            for role in (spec.ROTATE, spec.WEIGHT, spec.BIAS):
-                a = getattr(iv, role)
+            for role, a in iv.arrays.items():
                 if iv.dtype == spec.GGML_BF16:
                     w.add_tensor(spec.tensor_name(i, role), encode_bf16(a),
                                  raw_dtype=gguf.GGMLQuantizationType.BF16)

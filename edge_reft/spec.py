@@ -9,12 +9,11 @@ Keys are a contract: add, never rename.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 GGUF_DEFAULT_ALIGNMENT = 32
-REFT_VERSION = 1
+REFT_VERSION = 2                  # the newest version; a writer writes the lowest that holds a patch
+READ_VERSIONS = (1, 2)            # version 1 files are read unchanged
 
 # ---- metadata keys ---------------------------------------------------------
 GENERAL_TYPE = "general.type"                 # str: "adapter"
@@ -23,7 +22,7 @@ GENERAL_NAME = "general.name"                  # str, optional
 GENERAL_DESCRIPTION = "general.description"    # str, optional
 GENERAL_ALIGNMENT = "general.alignment"        # u32, optional (GGUF)
 ADAPTER_TYPE = "adapter.type"                  # str: "reft"
-REFT_VERSION_KEY = "reft.version"              # u32: REFT_VERSION
+REFT_VERSION_KEY = "reft.version"              # u32: one of READ_VERSIONS
 BASE_N_EMBD = "reft.base.n_embd"               # u32
 BASE_N_LAYER = "reft.base.n_layer"             # u32
 BASE_FINGERPRINT = "reft.base.fingerprint"     # str: 64 hex digits
@@ -64,19 +63,7 @@ def tensor_name(i: int, role: str) -> str:
     return f"reft.{i}.{role}"
 
 
-@dataclass(frozen=True)
-class InterventionType:
-    """A family of edits of the form h + R^T (W h + b - R h)."""
-    name: str
-    orthonormal: bool  # R must have orthonormal rows
-    summary: str
-
-
-INTERVENTION_TYPES = {
-    "loreft": InterventionType("loreft", True, "h + R^T(W h + b - R h), R orthonormal rows"),
-    # pyreft's NoReFT: h + W2^T(W1 h + b - W2 h); stored as rotate=W2, weight=W1.
-    "noreft": InterventionType("noreft", False, "h + P^T(W h + b - P h), P unconstrained"),
-}
+# intervention types (reft.{i}.type): the table is edge_reft/interventions.py, their math with it
 COMPONENTS = ("block_output",)
 
 # GGML tensor types a patch may store; everything is computed in float32.

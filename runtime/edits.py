@@ -2,7 +2,8 @@
 
 Shared by every backend.  A ``PatchSet`` flattens one or more patches into
 interventions in file order (patch order, then file order within a patch),
-precomputes ``W - R`` once, and answers, for a chunk of token positions,
+compiles each to the (A, B, c) of h + A^T (B h + c) once (its type's rule,
+``edge_reft.interventions``), and answers, for a chunk of token positions,
 which positions each layer must edit.  The math itself is
 ``edge_reft.loreft.edit``; backends never re-derive it.
 """
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_reft.loreft import delta_weight, edit
+from edge_reft.loreft import edit
 from edge_reft.patch import BaseModel, Patch
 from edge_reft.positions import PositionRule, edit_signature
 
@@ -24,9 +25,9 @@ class CompiledIntervention:
     index: int               # order of application within the set
     layer: int
     rule: PositionRule
-    rotate: np.ndarray       # (r, d) float32
-    delta: np.ndarray        # (r, d) float32, W - R
-    bias: np.ndarray         # (r,) float32
+    rotate: np.ndarray       # (r, d) float32: A
+    delta: np.ndarray        # (r, d) float32: B (W - R for LoReFT)
+    bias: np.ndarray         # (r,) float32: c
 
     def apply(self, h: np.ndarray) -> np.ndarray:
         return edit(h, self.rotate, self.delta, self.bias)
@@ -42,9 +43,8 @@ class PatchSet:
             for p in self.patches:
                 p.check_base(model, allow_mismatch)
         ivs = [iv for p in self.patches for iv in p.interventions]
-        self.interventions = tuple(
-            CompiledIntervention(i, iv.layer, iv.positions, iv.rotate, delta_weight(iv.rotate, iv.weight),
-                                 iv.bias) for i, iv in enumerate(ivs))
+        self.interventions = tuple(CompiledIntervention(i, iv.layer, iv.positions, *iv.compiled())
+                                   for i, iv in enumerate(ivs))
         self.layers = tuple(sorted({c.layer for c in self.interventions}))
         self.by_layer = {L: tuple(c for c in self.interventions if c.layer == L) for L in self.layers}
         self.rules = tuple(c.rule for c in self.interventions)
@@ -57,7 +57,7 @@ class PatchSet:
         self.key = h.hexdigest() if self.interventions else ""
         # the arrays this set keeps alive (compiled edits and the patches' own tensors, each once)
         held = {id(a): a for c in self.interventions for a in (c.rotate, c.delta, c.bias)}
-        held.update((id(a), a) for iv in ivs for a in (iv.rotate, iv.weight, iv.bias))
+        held.update((id(a), a) for iv in ivs for a in iv.arrays.values())
         self.nbytes = sum(a.nbytes for a in held.values())
 
     def __bool__(self) -> bool:

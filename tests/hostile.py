@@ -81,23 +81,26 @@ def orthonormal(r: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def valid(n_embd: int = 16, n_layer: int = 4, rank: int = 2, count: int = 1,
-          dtype: str = "F32", positions: str = "f1+l1") -> G:
-    """A correct `.reft` image following FORMAT.md, built by hand."""
+          dtype: str = "F32", positions: str = "f1+l1", itype: str = "loreft", version: int = 1) -> G:
+    """A correct `.reft` image following FORMAT.md, built by hand (types without a weight,
+    consreft and lobireft, store rotate and bias only)."""
     g = G()
     g.set("general.architecture", STR, "llama").set("general.type", STR, "adapter")
-    g.set("adapter.type", STR, "reft").set("reft.version", U32, 1)
+    g.set("adapter.type", STR, "reft").set("reft.version", U32, version)
     g.set("reft.base.n_embd", U32, n_embd).set("reft.base.n_layer", U32, n_layer)
     g.set("reft.base.fingerprint", STR, FP).set("reft.base.name", STR, "synthetic")
     g.set("reft.count", U32, count)
     code, np_dtype = {"F32": (0, "<f4"), "F16": (1, "<f2")}[dtype]
     rng = np.random.default_rng(1)
     for i in range(count):
-        g.set(f"reft.{i}.type", STR, "loreft").set(f"reft.{i}.layer", U32, i % n_layer)
+        g.set(f"reft.{i}.type", STR, itype).set(f"reft.{i}.layer", U32, i % n_layer)
         g.set(f"reft.{i}.component", STR, "block_output").set(f"reft.{i}.positions", STR, positions)
         g.set(f"reft.{i}.rank", U32, rank)
         arrays = {"rotate": orthonormal(rank, n_embd, i),
                   "weight": rng.standard_normal((rank, n_embd)).astype(np.float32),
                   "bias": rng.standard_normal(rank).astype(np.float32)}
+        if itype in ("consreft", "lobireft"):
+            del arrays["weight"]
         for role, a in arrays.items():
             g.tensors.append((f"reft.{i}.{role}", a.shape, code, a.astype(np_dtype).tobytes()))
     return g
@@ -119,6 +122,16 @@ def _nan(role: str, value: float) -> Callable[[], bytes]:
         a = np.frombuffer([t for t in g.tensors if t[0] == f"reft.0.{role}"][0][3], "<f4").copy()
         a[0] = value
         return _tensor(g, f"reft.0.{role}", a.reshape(-1 if role == "bias" else (2, 16))).bytes()
+    return make
+
+
+def _v2(itype: str = "direft", positions: str = "f1+l1",
+        edit: Callable[[G], Any] = lambda g: None) -> Callable[[], bytes]:
+    """A format-2 image of ``itype`` (valid as built), then ``edit``."""
+    def make() -> bytes:
+        g = valid(itype=itype, positions=positions, version=2)
+        r = edit(g)
+        return r if isinstance(r, bytes) else g.bytes()
     return make
 
 
@@ -202,7 +215,6 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "wrong-type-count": (_g(lambda g: g.set("reft.count", I32, 1)), "ReftFormatError", "reft.count: type INT32"),
     "not-adapter": (_g(lambda g: g.set("general.type", STR, "model")), "ReftFormatError", "general.type"),
     "lora-adapter": (_g(lambda g: g.set("adapter.type", STR, "lora")), "ReftFormatError", "adapter.type"),
-    "reft-version-2": (_g(lambda g: g.set("reft.version", U32, 2)), "ReftFormatError", "reft.version"),
     "count-zero": (_g(lambda g: g.set("reft.count", U32, 0)), "ReftFormatError", "reft.count"),
     "count-two-one-present": (_g(lambda g: g.set("reft.count", U32, 2)), "ReftFormatError", "reft.1.type: missing"),
     "count-huge": (_g(lambda g: g.set("reft.count", U32, 0xFFFFFFFF)), "ReftFormatError", "reft.count"),
@@ -244,6 +256,34 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "description-too-long": (_g(lambda g: g.set("general.description", STR, "x" * 70000)), "ReftFormatError", "exceeds"),
     "provenance-nan": (_g(lambda g: g.set("reft.train.loss", F32, float("nan"))), "ReftFormatError", "reft.train.loss"),
     "bitflip-version": (_flip(4, 3), "ReftFormatError", "version"),
+    # format 2: its types, tensors and position rules
+    "reft-version-0": (_g(lambda g: g.set("reft.version", U32, 0)), "ReftFormatError", "expected one of 1, 2"),
+    "reft-version-3-newer": (_v2(edit=lambda g: g.set("reft.version", U32, 3)), "ReftFormatError", "upgrade"),
+    "v1-file-v2-type": (_g(lambda g: g.set("reft.0.type", STR, "direft")), "ReftFormatError", "needs reft.version 2"),
+    "v1-file-v2-rule": (_g(lambda g: g.set("reft.0.positions", STR, "f0+l1")), "ReftFormatError", "needs reft.version 2"),
+    "v1-file-end-offset": (_g(lambda g: g.set("reft.0.positions", STR, "l1:-1")), "ReftFormatError", "needs reft.version 2"),
+    "v2-unknown-type": (_v2(edit=lambda g: g.set("reft.0.type", STR, "direft2")), "ReftFormatError", "not a known intervention type"),
+    "v2-type-case": (_v2(edit=lambda g: g.set("reft.0.type", STR, "DiReFT")), "ReftFormatError", "reft.0.type"),
+    "v2-consreft-with-weight": (_v2("consreft", edit=lambda g: g.tensors.append(
+        ("reft.0.weight", (2, 16), 0, b"\0" * 128))), "ReftFormatError", "consreft intervention stores rotate, bias"),
+    "v2-lobireft-no-bias": (_v2("lobireft", edit=lambda g: g.tensors.pop()), "ReftFormatError", "reft.0.bias"),
+    "v2-direft-missing-weight": (_v2("direft", edit=lambda g: g.tensors.pop(1)), "ReftFormatError",
+                                 "'reft.0.weight': missing"),
+    "v2-direft-not-orthonormal": (_v2("direft", edit=lambda g: _tensor(g, "reft.0.rotate", 2 * orthonormal(2, 16))),
+                                  "ReftFormatError", "type direft needs R orthonormal"),
+    "v2-consreft-not-orthonormal": (_v2("consreft", edit=lambda g: _tensor(g, "reft.0.rotate", 0.5 * orthonormal(2, 16))),
+                                    "ReftFormatError", "not orthonormal"),
+    "v2-nodireft-nan-weight": (_v2("nodireft", edit=lambda g: _tensor(g, "reft.0.weight", np.full((2, 16), np.nan))),
+                               "ReftFormatError", "NaN/Inf"),
+    "v2-lobireft-huge-bias": (_v2("lobireft", edit=lambda g: _tensor(g, "reft.0.bias", np.full(2, 1e9))),
+                              "ReftFormatError", "more than the limit"),
+    "v2-end-zero": (_v2(positions="l1:-0"), "ReftFormatError", "reft.0.positions"),
+    "v2-end-on-all": (_v2(positions="all:-1"), "ReftFormatError", "reft.0.positions"),
+    "v2-end-huge": (_v2(positions="l1:-9999999"), "ReftFormatError", "reft.0.positions"),
+    "v2-both-zero": (_v2(positions="f0+l0"), "ReftFormatError", "reft.0.positions"),
+    "v2-lone-zero": (_v2(positions="f0"), "ReftFormatError", "reft.0.positions"),
+    "v2-positive-end": (_v2(positions="l1:1"), "ReftFormatError", "reft.0.positions"),
+    "v2-rule-newline": (_v2(positions="f0+l1:-1\n"), "ReftFormatError", "reft.0.positions"),
     "bitflip-n-kv-high": (_flip(23, 7), "ReftFormatError", "metadata count"),
     "bitflip-first-key-len": (_flip(31, 6), "ReftFormatError", ""),
 }

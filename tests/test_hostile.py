@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import numpy as np
 import pytest
 
 import edge_reft
@@ -23,6 +24,40 @@ def test_valid_image_loads(tmp_path):
     p.write_bytes(valid().bytes())
     patch = load_patch(p)
     assert patch.interventions[0].rank == 2 and str(patch.interventions[0].positions) == "f1+l1"
+
+
+@pytest.mark.parametrize("itype", ["loreft", "noreft", "consreft", "lobireft", "direft", "nodireft"])
+@pytest.mark.parametrize("positions", ["f1+l1", "f0+l3:-1"])
+def test_valid_format2_images_load(itype, positions, tmp_path):
+    """A hand-built format-2 image of every type (and a format-2 rule) loads, with the tensors
+    its type stores, and computes its pyreft formula."""
+    from edge_reft import loreft
+    p = tmp_path / "ok.reft"
+    p.write_bytes(valid(itype=itype, positions=positions, version=2).bytes())
+    iv = load_patch(p).interventions[0]
+    assert (iv.type, str(iv.positions)) == (itype, positions)
+    assert (iv.weight is None) == (itype in ("consreft", "lobireft"))
+    h = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    r, w, b = (x.astype(np.float64) if x is not None else None for x in (iv.rotate, iv.weight, iv.bias))
+    delta = {"consreft": lambda: b - h @ r.T, "lobireft": lambda: np.broadcast_to(b, (3, 2)),
+             "direft": lambda: h @ w.T + b, "nodireft": lambda: h @ w.T + b}.get(
+        itype, lambda: h @ w.T + b - h @ r.T)()
+    np.testing.assert_allclose(loreft.apply(itype, h, iv.rotate, iv.weight, iv.bias), h + delta @ r, atol=1e-5)
+
+
+def test_version_1_files_stay_version_1(tmp_path):
+    """A patch that uses nothing of format 2 is written as version 1 (old readers read it);
+    one that does is written as version 2."""
+    from edge_reft import reftfile
+    p = tmp_path / "v1.reft"
+    p.write_bytes(valid().bytes())
+    patch = load_patch(p)
+    assert patch.version == 1
+    again = load_patch(reftfile.save_patch(patch, tmp_path / "again.reft"))
+    assert again.version == 1 and again.interventions[0].rotate.tobytes() == patch.interventions[0].rotate.tobytes()
+    p2 = tmp_path / "v2.reft"
+    p2.write_bytes(valid(itype="direft", version=2).bytes())
+    assert load_patch(reftfile.save_patch(load_patch(p2), tmp_path / "v2b.reft")).version == 2
 
 
 @pytest.mark.timeout(1, method="signal")

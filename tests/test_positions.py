@@ -14,6 +14,10 @@ CASES = [  # rule, prompt length, edited positions
     ("f3+l3", 5, [0, 1, 3, 4]), ("f3+l3", 6, [0, 1, 2, 3, 4, 5]), ("f3+l3", 7, [0, 1, 2, 4, 5, 6]),
     ("f5+l1", 4, [0, 1, 3]), ("f2+l5", 3, [0, 2]),
     ("all", 1, [0]), ("all", 4, [0, 1, 2, 3]),
+    # format 2: a zero side keeps the floor(n/2) cap (pyreft's lone window), :-K ends early
+    ("f0+l1", 1, []), ("f0+l1", 2, [1]), ("f0+l4", 5, [3, 4]), ("f3+l0", 5, [0, 1]), ("f3+l0", 9, [0, 1, 2]),
+    ("l1:-1", 1, []), ("l1:-1", 2, [0]), ("l1:-1", 5, [3]), ("l3:-2", 4, [0, 1]), ("f2:-1", 2, [0]),
+    ("f0+l1:-1", 2, []), ("f0+l1:-1", 3, [1]), ("f3+l3:-1", 6, [0, 1, 3, 4]), ("f3+l3:-1", 8, [0, 1, 2, 4, 5, 6]),
 ]
 
 
@@ -29,14 +33,20 @@ def test_select(rule, n, want):
     assert len(set(got.tolist())) == len(got)  # a position is edited once
 
 
-@pytest.mark.parametrize("bad", ["", "l", "l0", "f0+l1", "f1+", "+l1", "l1+f1", "f1l1", "L1", " l1",
-                                 "l01", "f1+l1+l2", "al", "ALL", "l1234567", "l-1", "l1.5"])
+@pytest.mark.parametrize("bad", ["", "l", "l0", "f0", "f0+l0", "f1+", "+l1", "l1+f1", "f1l1", "L1", " l1",
+                                 "l01", "f1+l1+l2", "al", "ALL", "l1234567", "l-1", "l1.5", "all:-1",
+                                 "l1:-0", "l1:-01", "l1:1", "l1:--1", "l1:-", "l1\n", "f00+l1"])
 def test_parse_rejects(bad):
     with pytest.raises(PositionError, match="expected"):
         PositionRule.parse(bad)
 
 
-@pytest.mark.parametrize("rule", ["l1", "f2+l2", "all"])
+def test_versions():
+    assert [PositionRule.parse(r).version for r in ("l1", "f3+l3", "all", "f0+l1", "l1:-1", "f3+l0")] == \
+        [1, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("rule", ["l1", "f2+l2", "all", "f0+l1:-1"])
 def test_empty_prompt_is_an_error(rule):
     with pytest.raises(PositionError, match="empty"):
         PositionRule.parse(rule).select(0)
@@ -97,3 +107,41 @@ def test_signatures_name_every_intervention_the_format_allows(count):
     longer = edit_signature(rules, 12, 12)   # two more tokens: the l1 edit moves from 9 to 11
     assert reusable_prefix(toks, sig, toks + [5, 6], longer) == 9
     assert reusable_prefix(toks, sig, toks + [5, 6], longer, same_edits=False) == 0
+
+
+# ---- pyreft's own rule ---------------------------------------------------------------------
+
+def pyreft_locations(positions: str, last_position: int, share_weights: bool, num_interventions: int):
+    """pyreft/dataset.py get_intervention_locations (pyreft 0.1.0), transcribed; pad_mode
+    "first" pads with -1 (a masked pad token at generation, a no-op)."""
+    first_n = last_n = 0
+    if "+" in positions:
+        first_n, last_n = int(positions.split("+")[0].strip("f")), int(positions.split("+")[1].strip("l"))
+    elif "f" in positions:
+        first_n = int(positions.strip("f"))
+    else:
+        last_n = int(positions.strip("l"))
+    _first_n, _last_n = first_n, last_n
+    first_n, last_n = min(last_position // 2, _first_n), min(last_position // 2, _last_n)
+    pad_amount = (_first_n - first_n) + (_last_n - last_n)
+    if share_weights or (first_n == 0 or last_n == 0):
+        return [list(range(first_n)) + list(range(last_position - last_n, last_position))
+                + [-1] * pad_amount] * num_interventions
+    left = list(range(first_n)) + [-1] * (_first_n - first_n)
+    right = list(range(last_position - last_n, last_position)) + [-1] * (_last_n - last_n)
+    return [left] * (num_interventions // 2) + [right] * (num_interventions // 2)
+
+
+@pytest.mark.parametrize("convention,shift", [("end", 0), ("end-1", 1)])
+@pytest.mark.parametrize("positions", ["f1", "l1", "f3", "l4", "f1+l1", "f3+l3", "f2+l5"])
+@pytest.mark.parametrize("share", [False, True])
+def test_converted_rules_edit_what_pyreft_edits(convention, shift, positions, share):
+    """For every prompt length, each converted rule selects exactly pyreft's locations
+    (pads aside), tied or untied, under both dataset conventions."""
+    from edge_reft.converters.pyreft import pyreft_rules
+    untied = "+" in positions and not share
+    rules = pyreft_rules(positions, untied, convention)
+    for n in range(1, 15):
+        want = pyreft_locations(positions, n - shift, share, 2 if untied else 1)
+        got = [r.select(n).tolist() for r in rules]
+        assert got == [sorted({p for p in w if p >= 0}) for w in want], (positions, n)

@@ -1,5 +1,7 @@
-"""pyreft checkpoints -> .reft: real torch.save files in pyreft's layout, pyreft's formula
-written out independently, the runtime on the real SmolLM2, and hostile archives."""
+"""pyreft checkpoints -> .reft: torch.save files in pyreft's layout (built here with torch's
+own modules, so every case and every hostile variant can be made), pyreft's formula written
+out independently, the runtime on the real SmolLM2, and hostile archives.  Checkpoints that
+pyreft itself trained are tests/test_pyreft_real.py's."""
 from __future__ import annotations
 
 import json
@@ -20,7 +22,7 @@ from edge_reft import spec
 from edge_reft.converters.pyreft import convert, from_pyreft, pyreft_positions, read_state_dict, to_pyreft
 from edge_reft.errors import ReftError
 from edge_reft.fingerprint import base_model
-from edge_reft.loreft import loreft
+from edge_reft.loreft import apply
 from edge_reft.patch import random_patch
 from edge_reft.positions import PositionRule
 from edge_reft.reftfile import load_patch
@@ -65,13 +67,24 @@ class NoreftLike(torch.nn.Module):  # NoreftIntervention's parameters and buffer
                 p.normal_(0, 0.3)
 
 
-class ConsreftLike(torch.nn.Module):  # Consreft/Lobireft: learned_source is a bare [r] Parameter
-    def __init__(self, r: int = 4, d: int = D, linear: bool = False):
+class ConsreftLike(torch.nn.Module):
+    """Consreft/Lobireft (learned_source a bare [r] Parameter) or, ``linear``, Direft, after
+    'training': the parametrization's original moved off its init, as an optimizer moves it."""
+    def __init__(self, r: int = 4, d: int = D, linear: bool = False, seed: int = 0, trivialization: bool = True):
         super().__init__()
-        self.learned_source = torch.nn.Linear(d, r) if linear else torch.nn.Parameter(torch.rand(r))
+        torch.manual_seed(seed)
         self.register_buffer("embed_dim", torch.tensor(d))
         self.register_buffer("interchange_dim", torch.tensor(d))
-        self.rotate_layer = torch.nn.utils.parametrizations.orthogonal(LowRankRotateLayer(d, r))
+        self.rotate_layer = torch.nn.utils.parametrizations.orthogonal(
+            LowRankRotateLayer(d, r), use_trivialization=trivialization)
+        if linear:
+            self.learned_source = torch.nn.Linear(d, r)
+        else:
+            self.learned_source = torch.nn.Parameter(torch.rand(r))
+        with torch.no_grad():
+            self.rotate_layer.parametrizations.weight.original.add_(0.2 * torch.randn(d, r).tril(-1))
+            for p in ([self.learned_source] if not linear else self.learned_source.parameters()):
+                p.normal_(0, 0.5)
 
 
 STATES = {
@@ -84,11 +97,17 @@ STATES = {
     "loreft-not-orthonormal": lambda s: OrderedDict(loreft_state(s), rotate_layer=torch.randn(D, 4)),
     "loreft-int-weight": lambda s: OrderedDict(loreft_state(s), weight=torch.ones(4, D, dtype=torch.long)),
     "loreft-bias-rank5": lambda s: OrderedDict(loreft_state(s), bias=torch.zeros(5)),
-    "consreft": lambda s: ConsreftLike().state_dict(),
-    "direft": lambda s: ConsreftLike(linear=True).state_dict(),
+    "consreft": lambda s: ConsreftLike(seed=s).state_dict(),
+    "lobireft": lambda s: ConsreftLike(seed=s).state_dict(),
+    "direft": lambda s: ConsreftLike(linear=True, seed=s).state_dict(),
+    "nodireft": lambda s: NoreftLike(s).state_dict(),
+    "direft-bad-diag": lambda s: OrderedDict(
+        (k, v.diagonal_scatter(torch.full((4,), -0.5)) if k.endswith(".original") else v)
+        for k, v in ConsreftLike(linear=True, seed=s).state_dict().items()),
+    "direft-no-base": lambda s: ConsreftLike(linear=True, seed=s, trivialization=False).state_dict(),
 }
 CLASS = {"loreft": "LoreftIntervention", "noreft": "NoreftIntervention", "consreft": "ConsreftIntervention",
-         "direft": "DireftIntervention"}
+         "lobireft": "LobireftIntervention", "direft": "DireftIntervention", "nodireft": "NodireftIntervention"}
 
 
 def key(layer: int, i: int, style: str, component: str = "block_output") -> str:
@@ -124,15 +143,36 @@ def save_pyreft(folder: Path, layers: list[int], kind: str = "loreft", style: st
     return states
 
 
-def pyreft_edit(state: OrderedDict, h: torch.Tensor) -> torch.Tensor:
-    """pyreft's forward (act = identity), from the raw state dict, in float32."""
-    s = {k: v.float() for k, v in state.items()}
-    if "rotate_layer" in s:  # LoReFT: h + (W h + b - R h) R^T, rotate_layer = R^T
+def rotate_t(state: OrderedDict) -> torch.Tensor:
+    """R^T (d, r) as pyreft's module computes it: LoReFT saves it; the others' parametrization
+    is loaded into torch's own orthogonal module and evaluated there."""
+    if "rotate_layer" in state:
+        return state["rotate_layer"].float()
+    orig = state["rotate_layer.parametrizations.weight.original"]
+    layer = torch.nn.utils.parametrizations.orthogonal(
+        LowRankRotateLayer(*orig.shape), use_trivialization="rotate_layer.parametrizations.weight.0.base" in state)
+    layer.load_state_dict({k.removeprefix("rotate_layer."): v for k, v in state.items()
+                           if k.startswith("rotate_layer.")})
+    return layer.weight.detach().float()
+
+
+def pyreft_edit(state: OrderedDict, h: torch.Tensor, kind: str = "loreft") -> torch.Tensor:
+    """pyreft's forward (act = identity) of class ``kind``, from the raw state dict, in float32."""
+    s = {k: v.float() for k, v in state.items() if v.is_floating_point()}
+    if kind == "loreft":  # h + (W h + b - R h) R^T, rotate_layer = R^T
         rot = s["rotate_layer"]
         return h + (h @ s["weight"].T + s["bias"] - h @ rot) @ rot.T
-    w2 = s["proj_layer.weight"]  # NoReFT: h + (W1 h + b1 - (W2 h + b2)) W2
-    proj = h @ w2.T + s.get("proj_layer.bias", torch.zeros(w2.shape[0]))
-    return h + (h @ s["learned_source.weight"].T + s["learned_source.bias"] - proj) @ w2
+    if kind in ("noreft", "nodireft"):
+        w2 = s["proj_layer.weight"]  # NoReFT: h + (W1 h + b1 - (W2 h + b2)) W2; NodiReFT: h + (W1 h + b1) W2
+        proj = h @ w2.T + s.get("proj_layer.bias", torch.zeros(w2.shape[0]))
+        src = h @ s["learned_source.weight"].T + s["learned_source.bias"]
+        return h + ((src - proj) if kind == "noreft" else src) @ w2
+    rot = rotate_t(state)
+    if kind == "direft":  # h + (W h + b) R^T
+        return h + (h @ s["learned_source.weight"].T + s["learned_source.bias"]) @ rot.T
+    if kind == "consreft":  # h + (b - R h) R^T
+        return h + (s["learned_source"] - h @ rot) @ rot.T
+    return h + (s["learned_source"] @ rot.T).expand_as(h)  # LobiReFT: h + b R^T
 
 
 def pyreft_locations(positions: str, share_weights: bool, n: int, count: int) -> list[list[int]]:
@@ -163,6 +203,12 @@ CASES = [  # id, layers as pyreft lists them, kind, key style, config.json?, pos
     ("model-cast-to-bf16", [29], "loreft-all-bf16", "new", True, "l1", False),
     ("noreft-add-bias", [15], "noreft", "new", True, "l1", False),
     ("noreft-no-bias", [2, 2], "noreft-nobias", "new", True, "f1+l1", False),
+    ("consreft", [7], "consreft", "new", True, "l2", False),
+    ("lobireft", [7, 19], "lobireft", "new", True, "f1+l1", True),
+    ("direft-untied", [4, 15, 4, 15], "direft", "new", True, "f2+l3", False),
+    ("direft-no-config", [15], "direft", "new", False, "l1", False),
+    ("direft-no-trivialization", [15], "direft-no-base", "new", True, "l1", False),
+    ("nodireft", [10], "nodireft", "new", True, "l3", False),
 ]
 
 
@@ -172,38 +218,60 @@ def test_converts_exactly(_id, layers, kind, style, config, positions, share, sm
     states = save_pyreft(folder, layers, kind, style, config)
     if not config:  # a trainer checkpoint: no config.json, an empty pytorch_model.bin beside
         torch.save({}, folder / "pytorch_model.bin")
-    patch = convert(tmp_path / "ckpt", smol_q4, tmp_path / "out.reft", positions, share,
-                    intervention_type="noreft" if kind.startswith("noreft") and not config else None)
+    cls = kind.split("-")[0]
+    patch = convert(tmp_path / "ckpt", smol_q4, tmp_path / "out.reft", positions, share, convention="end",
+                    intervention_type=cls if cls in ("noreft", "nodireft") and not config else None)
     assert patch.source == str(tmp_path / "out.reft") and patch.base.fingerprint == base_model(smol_q4).fingerprint
     assert len(patch.interventions) == len(layers)
-    rows = pyreft_locations(positions, share, 40, len(layers))
     h = torch.randn(7, D, generator=torch.Generator().manual_seed(0)) * 3
     # pyvene's order: layers as listed, #0 before #1 (also from file names alone)
-    for iv, (k, state), row in zip(patch.interventions, states.items(), rows):
+    for n in (1, 2, 3, 5, 40):  # pyreft's windows on every prompt length, short ones included
+        rows = pyreft_locations(positions, share, n, len(layers))
+        assert [iv.positions.select(n).tolist() for iv in patch.interventions] == rows, n
+    for iv, (k, state) in zip(patch.interventions, states.items()):
         assert iv.layer == int(k.replace(".", "_").split("_")[1])
-        assert iv.type == ("noreft" if kind.startswith("noreft") else "loreft")
-        assert iv.positions.select(40).tolist() == row  # a prompt long enough for no capping gap
+        assert iv.type == cls
         if iv.type == "loreft":  # the tensors themselves, bit for bit
             assert np.array_equal(iv.rotate, state["rotate_layer"].float().numpy().T)
             assert np.array_equal(iv.weight, state["weight"].float().numpy())
             assert np.array_equal(iv.bias, state["bias"].float().numpy())
-        got = loreft(h.numpy(), iv.rotate, iv.weight, iv.bias)
-        np.testing.assert_allclose(got, pyreft_edit(state, h).numpy(), rtol=1e-5, atol=1e-4)
-        assert np.abs(got - h.numpy()).max() > 1.0  # the edit is not a no-op
+        if "rotate_layer.parametrizations.weight.original" in state:  # R from torch's own module
+            np.testing.assert_allclose(iv.rotate, rotate_t(state).numpy().T, rtol=0, atol=2e-6)
+        got = apply(iv.type, h.numpy(), iv.rotate, iv.weight, iv.bias)
+        np.testing.assert_allclose(got, pyreft_edit(state, h, cls).numpy(), rtol=1e-5, atol=1e-4)
+        assert np.abs(got - h.numpy()).max() > 0.05  # the edit is not a no-op (tolerance: 1e-4)
     assert patch.provenance["converted_from"] == "pyreft"
+    assert patch.provenance["pyreft_dataset_convention"] == "end"
+
+
+def test_without_a_convention_it_warns_and_assumes_end(base, tmp_path):
+    save_pyreft(tmp_path, [15])
+    with pytest.warns(UserWarning, match="--dataset-convention end-1"):
+        patch = from_pyreft(tmp_path, base, "l3")
+    assert str(patch.interventions[0].positions) == "f0+l3"
+
+
+@pytest.mark.parametrize("convention,positions,share,rules", [
+    ("end", "l1", False, ["f0+l1"]), ("end-1", "l1", False, ["f0+l1:-1"]), ("last-token", "l1", False, ["l1"]),
+    ("end", "f1+l1", True, ["f1+l1"]), ("end-1", "f3+l3", False, ["f3+l0:-1", "f0+l3:-1"]),
+])
+def test_conventions_become_exact_rules(convention, positions, share, rules, base, tmp_path):
+    save_pyreft(tmp_path, [15] * len(rules))
+    patch = from_pyreft(tmp_path, base, positions, share, convention=convention)
+    assert [str(iv.positions) for iv in patch.interventions] == rules
 
 
 @pytest.mark.parametrize("kind,dtype", [("loreft", "F32"), ("loreft-all-bf16", "BF16"), ("noreft", "F32")])
 def test_storage_type_is_lossless(kind, dtype, smol_q4, tmp_path):
     save_pyreft(tmp_path / "c", [15], kind)
-    patch = convert(tmp_path / "c", smol_q4, tmp_path / "o.reft", "l1")
+    patch = convert(tmp_path / "c", smol_q4, tmp_path / "o.reft", "l1", convention="end")
     assert spec.TENSOR_DTYPES[patch.interventions[0].dtype] == dtype
 
 
 def test_base_may_be_an_hf_folder(smol_q4, tmp_path):
     from edge_reft.train.hf import hf_dir
     save_pyreft(tmp_path / "c", [15])
-    from_hf = convert(tmp_path / "c", hf_dir(smol_q4), tmp_path / "hf.reft", "l1")
+    from_hf = convert(tmp_path / "c", hf_dir(smol_q4), tmp_path / "hf.reft", "l1", convention="end")
     assert from_hf.base.fingerprint == base_model(smol_q4).fingerprint
 
 
@@ -235,11 +303,15 @@ def test_views_offsets_and_scalars_read_like_torch(tmp_path):
 
 PEFT_KEY = "comp_base_model_model_model_layers[15]_output_unit_pos_nunit_1#0"
 ERRORS = [  # id, save_pyreft kwargs, positions, share_weights, expected in the message
-    ("consreft", dict(layers=[15], kind="consreft"), "l1", False, "ConsReFT"),
-    ("lobireft-by-config", dict(layers=[15], kind="consreft", cls="LobireftIntervention"), "l1", False, "LobiReFT"),
-    ("direft-by-tensors", dict(layers=[15], kind="direft", config=False), "l1", False, "DiReFT"),
-    ("nodireft-by-config", dict(layers=[15], kind="noreft", cls="NodireftIntervention"), "l1", False, "NodiReFT"),
-    ("noreft-without-config", dict(layers=[15], kind="noreft", config=False), "l1", False, "--type noreft"),
+    ("noreft-without-config", dict(layers=[15], kind="noreft", config=False), "l1", False,
+     "pass --type noreft or --type nodireft"),
+    ("consreft-without-config", dict(layers=[15], kind="consreft", config=False), "l1", False,
+     "pass --type consreft or --type lobireft"),
+    ("class-and-tensors-disagree", dict(layers=[15], kind="loreft", cls="DireftIntervention"), "l1", False,
+     "those of LoreftIntervention, but the declared type is direft"),
+    ("unknown-pyreft-class", dict(layers=[15], cls="SteerreftIntervention"), "l1", False,
+     "not one of pyreft's classes"),
+    ("direft-diagonal-truncated", dict(layers=[15], kind="direft-bad-diag"), "l1", False, "truncates to 0"),
     ("foreign-class", dict(layers=[15], cls="<class 'evil.LoreftIntervention'>"), "l1", False,
      "evil.LoreftIntervention"),
     ("other-hidden-size", dict(layers=[15], kind="loreft-d64"), "l1", False, "n_embd 576"),
@@ -264,7 +336,7 @@ def test_refuses_with_a_clear_error(case, base, tmp_path):
     _, kw, positions, share, expected = case
     save_pyreft(tmp_path, **kw)
     with pytest.raises(ReftError) as e:
-        from_pyreft(tmp_path, base, positions, share)
+        from_pyreft(tmp_path, base, positions, share, convention="end")
     assert expected in str(e.value), str(e.value)
     assert "Traceback" not in str(e.value)
 
@@ -294,13 +366,13 @@ def test_refuses_tampered_folders(case, base, tmp_path):
     save_pyreft(tmp_path, [3, 15])
     case[1](tmp_path)
     with pytest.raises(ReftError, match=case[2]):
-        from_pyreft(tmp_path, base, "l1")
+        from_pyreft(tmp_path, base, "l1", convention="end")
 
 
 def test_every_problem_is_reported_at_once(base, tmp_path):
     save_pyreft(tmp_path, [15, 31], keys={0: key(15, 0, "new", "mlp_output")})
     with pytest.raises(ReftError) as e:
-        from_pyreft(tmp_path, base, "l1")
+        from_pyreft(tmp_path, base, "l1", convention="end")
     assert "mlp_output" in str(e.value) and "layer 31" in str(e.value) and "2 problems" in str(e.value)
 
 
@@ -400,7 +472,7 @@ def test_hostile_archives_are_refused_and_run_nothing(case, smol_q4, tmp_path):
     intkey = ckpt / f"intkey_{key(15, 0, 'new')}.bin"
     case[1](intkey, mark)
     with pytest.raises(ReftError) as e:
-        convert(ckpt, smol_q4, tmp_path / "out.reft", "l1")
+        convert(ckpt, smol_q4, tmp_path / "out.reft", "l1", convention="end")
     assert case[2] in str(e.value) and str(intkey) in str(e.value), str(e.value)
     assert not mark.exists() and not (tmp_path / "out.reft").exists()
 
@@ -414,31 +486,53 @@ def test_the_hand_written_archive_is_what_torch_reads(tmp_path):
 
 # ---- back to pyreft, and round trips ----------------------------------------------------------
 
-ROUND_TRIPS = [  # kind, layers, positions, share_weights
-    ("loreft", [4, 15, 4, 15], "f2+l3", False),
-    ("loreft", [3, 9], "f1+l1", True),
-    ("loreft-all-bf16", [15], "l2", False),
-    ("noreft", [15], "l1", False),
+ROUND_TRIPS = [  # kind, layers, positions, share_weights, convention
+    ("loreft", [4, 15, 4, 15], "f2+l3", False, "end"),
+    ("loreft", [3, 9], "f1+l1", True, "end-1"),
+    ("loreft-all-bf16", [15], "l2", False, "end"),
+    ("noreft", [15], "l1", False, "last-token"),
+    ("direft", [4, 15, 4, 15], "f1+l2", False, "end-1"),
+    ("consreft", [6], "l3", False, "end"),
+    ("lobireft", [6], "f2", False, "end"),
+    ("nodireft", [6], "l1", False, "end"),
 ]
+KEYS = {"loreft": ["weight", "bias", "rotate_layer"],
+        "noreft": ["embed_dim", "interchange_dim", "proj_layer.weight", "learned_source.weight", "learned_source.bias"],
+        "direft": ["embed_dim", "interchange_dim", "rotate_layer.parametrizations.weight.original",
+                   "rotate_layer.parametrizations.weight.0.base", "learned_source.weight", "learned_source.bias"],
+        "consreft": ["learned_source", "embed_dim", "interchange_dim", "rotate_layer.parametrizations.weight.original",
+                     "rotate_layer.parametrizations.weight.0.base"]}
 
 
-@pytest.mark.parametrize("kind,layers,positions,share", ROUND_TRIPS)
-def test_round_trip_is_exact(kind, layers, positions, share, smol_q4, tmp_path):
+@pytest.mark.parametrize("kind,layers,positions,share,convention", ROUND_TRIPS)
+def test_round_trip_is_exact(kind, layers, positions, share, convention, smol_q4, tmp_path):
+    cls = kind.split("-")[0]
     keys = list(save_pyreft(tmp_path / "a", layers, kind))
-    first = convert(tmp_path / "a", smol_q4, tmp_path / "1.reft", positions, share)
-    assert to_pyreft(first, tmp_path / "b") == (positions, share)
+    first = convert(tmp_path / "a", smol_q4, tmp_path / "1.reft", positions, share, convention=convention)
+    setting = to_pyreft(first, tmp_path / "b")
+    assert (setting.positions, setting.share_weights, setting.convention, setting.exact) == \
+        (positions, share, convention, True)
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["sorted_keys"] == keys and cfg["mode"] == "parallel"
+    assert cfg["intervention_types"][0] == f"<class 'pyreft.interventions.{CLASS[cls]}'>"
     assert cfg["representations"][0] == [layers[0], "block_output", "pos", 1, 4] + [None] * 9
-    want = (["weight", "bias", "rotate_layer"] if kind.startswith("loreft") else
-            ["embed_dim", "interchange_dim", "proj_layer.weight", "learned_source.weight", "learned_source.bias"])
-    for k in keys:  # what pyreft's own torch.load reads
-        assert list(torch.load(tmp_path / "b" / f"intkey_{k}.bin", weights_only=True)) == want
-    second = convert(tmp_path / "b", smol_q4, tmp_path / "2.reft", positions, share)
+    want = KEYS[{"nodireft": "noreft", "lobireft": "consreft"}.get(cls, cls)]
+    h = torch.randn(5, D, generator=torch.Generator().manual_seed(1))
+    for k, iv in zip(keys, first.interventions):  # what pyreft's own torch.load reads, and its edit
+        state = torch.load(tmp_path / "b" / f"intkey_{k}.bin", weights_only=True)
+        assert list(state) == want
+        np.testing.assert_allclose(pyreft_edit(state, h, cls).numpy(),
+                                   apply(iv.type, h.numpy(), iv.rotate, iv.weight, iv.bias), atol=2e-5)
+    second = convert(tmp_path / "b", smol_q4, tmp_path / "2.reft", positions, share, convention=convention)
     for a, b in zip(first.interventions, second.interventions, strict=True):
         assert (a.layer, a.positions, a.type) == (b.layer, b.positions, b.type)
-        for role in ("rotate", "weight", "bias"):
-            assert np.array_equal(getattr(a, role), getattr(b, role)), role
+        for role in ("rotate", "weight", "bias"):  # R through torch's parametrization: to rounding
+            x, y = getattr(a, role), getattr(b, role)
+            assert (x is None) == (y is None), role
+            if x is not None and role == "rotate" and cls in ("direft", "consreft", "lobireft"):
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+            elif x is not None:
+                assert np.array_equal(x, y), role
 
 
 def test_to_pyreft_refuses_what_pyreft_cannot_express(base, tmp_path):
@@ -451,25 +545,11 @@ def test_to_pyreft_refuses_what_pyreft_cannot_express(base, tmp_path):
         to_pyreft(random_patch(base, [(3, "l1", 2)]), tmp_path / "full")
 
 
-# ---- positions: pyreft's windows, and the one documented gap --------------------------------
-
-@pytest.mark.parametrize("positions", ["f1+l1", "f2+l3", "f4+l4"])
-def test_untied_windows_are_pyrefts_on_prompts_of_2N_tokens(positions):
-    rule = PositionRule.parse(positions)
-    first, last = PositionRule(first=rule.first), PositionRule(last=rule.last)
-    for n in range(1, 20):
-        left, right = pyreft_locations(positions, False, n, 2)
-        ours = first.select(n).tolist(), last.select(n).tolist()
-        if n >= 2 * max(rule.first, rule.last):
-            assert ours == (left, right), n
-        else:  # the gap: pyreft caps each window at n // 2, a single window caps at n
-            assert set(left) <= set(ours[0]) and set(right) <= set(ours[1]), n
-
-
 # ---- the runtime on the real model against pyreft's formula -----------------------------------
 
 @torch.no_grad()
-def pyreft_logits(model, tokens: list[int], edits: list[tuple[int, list[int], OrderedDict]]) -> np.ndarray:
+def pyreft_logits(model, tokens: list[int], edits: list[tuple[int, list[int], OrderedDict]],
+                  kind: str = "loreft") -> np.ndarray:
     """Logits with pyreft's edits as pyvene applies them: a forward hook per intervention on
     block L (sorted_keys order) that scatters the edited positions into its output in place."""
     from edge_reft.train.hf import decoder_layers
@@ -477,7 +557,7 @@ def pyreft_logits(model, tokens: list[int], edits: list[tuple[int, list[int], Or
     for layer, rows, state in edits:
         def hook(module, args, out, rows=rows, state=state):
             h = out[0] if isinstance(out, tuple) else out
-            h[:, rows] = pyreft_edit(state, h[:, rows].float()).to(h.dtype)
+            h[:, rows] = pyreft_edit(state, h[:, rows].float(), kind).to(h.dtype)
         handles.append(decoder_layers(model)[layer].register_forward_hook(hook))
     try:
         return model(torch.tensor([tokens]), use_cache=False).logits[0].float().numpy()
@@ -489,6 +569,8 @@ def pyreft_logits(model, tokens: list[int], edits: list[tuple[int, list[int], Or
 EXACT = [  # kind, layers as pyreft lists them, positions, share_weights
     ("loreft", [5, 20, 5, 20], "f2+l2", False),
     ("noreft", [12], "l3", False),
+    ("direft", [5, 20, 5, 20], "f2+l2", False),
+    ("consreft", [12], "l3", False),
 ]
 
 
@@ -497,11 +579,11 @@ def test_runtime_matches_the_pyreft_formula(kind, layers, positions, share, engi
                                             smol_q4, tmp_path):
     from edge_reft.train.hf import reference_logits
     states = save_pyreft(tmp_path, layers, kind)
-    patch = convert(tmp_path, smol_q4, tmp_path / "p.reft", positions, share)
+    patch = convert(tmp_path, smol_q4, tmp_path / "p.reft", positions, share, convention="end")
     engine = engines_f32["native"]
     toks = engine.prompt_tokens(PROMPT)
     rows = pyreft_locations(positions, share, len(toks), len(layers))
-    ref = pyreft_logits(hf_smol, toks, list(zip(layers, rows, states.values())))
+    ref = pyreft_logits(hf_smol, toks, list(zip(layers, rows, states.values())), kind)
     assert np.abs(ref - reference_logits(hf_smol, toks)).max() > 0.5, "the edit must matter"
     np.testing.assert_allclose(reference_logits(hf_smol, toks, [patch]), ref, rtol=0, atol=1e-4)
     np.testing.assert_allclose(engine.logits(toks, patch), ref, rtol=0, atol=1e-3)
@@ -522,11 +604,11 @@ def test_cli_converts_without_torch_and_back(smol_q4, tmp_path):
     save_pyreft(tmp_path / "ck", [4, 15, 4, 15])
     out = tmp_path / "user.reft"
     args = ["convert", "pyreft", str(tmp_path / "ck"), "--base", str(smol_q4), "--positions", "f1+l1",
-            "--out", str(out), "--name", "demo"]
+            "--dataset-convention", "end", "--out", str(out), "--name", "demo"]
     r = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "TORCH: False" in r.stdout and "name         demo" in r.stdout
-    assert [str(iv.positions) for iv in load_patch(out).interventions] == ["f1", "f1", "l1", "l1"]
+    assert [str(iv.positions) for iv in load_patch(out).interventions] == ["f1+l0", "f1+l0", "f0+l1", "f0+l1"]
     r = subprocess.run([sys.executable, "-m", "edge_reft", "convert", "to-pyreft", str(out), "--out",
                         str(tmp_path / "back")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "positions='f1+l1', share_weights=False" in r.stdout, r.stderr

@@ -65,16 +65,18 @@ def test_gguf_backbone_is_the_file_bit_for_bit(backbone, hf_smol):
     assert backbone.base == from_gguf(backbone.source)
 
 
-@pytest.mark.parametrize("positions", ["l1", "f1+l1", "l3", "all"])
-def test_prefix_cache_gives_the_same_gradients(backbone, examples, positions):
+@pytest.mark.parametrize("positions,itype", [("l1", "loreft"), ("f1+l1", "loreft"), ("l3", "loreft"),
+                                             ("all", "loreft"), ("f0+l3:-1", "loreft"), ("f1+l1", "direft"),
+                                             ("l1", "nodireft"), ("l2", "noreft"), ("f1+l1", "lobireft")])
+def test_prefix_cache_gives_the_same_gradients(backbone, examples, positions, itype):
     grads = []
     for cached in (True, False):
         gen = torch.Generator().manual_seed(0)
         t = Trainer(backbone.model, examples[:6], TrainConfig(layers=(9, 20), rank=3, positions=positions,
-                                                              batch_size=6, prefix_cache=cached), 576)
+                                                              batch_size=6, prefix_cache=cached, type=itype), 576)
         t.prepare()
         with torch.no_grad():  # move off the identity start so every parameter gets a gradient
-            for w in t.reft.W:
+            for w in list(t.reft.W) + list(t.reft.b):
                 w.add_(0.05 * torch.randn(w.shape, generator=gen))
         loss, n = t.batch_loss(range(6))
         (loss / n).backward()
@@ -148,7 +150,32 @@ def test_resume_continues_bit_for_bit(backbone, examples, tmp_path):
         Trainer(backbone.model, examples[:12], other, 576, checkpoint_dir=tmp_path / "ck").load_checkpoint()
 
 
+@pytest.mark.parametrize("itype", ["direft", "nodireft", "lobireft"])
+def test_every_trainable_type_learns_and_runs(itype, backbone, examples, engines_f32, hf_smol, tmp_path):
+    """Each type trains from the identity edit through its own rule, exports with only the
+    tensors it stores, and the runtime applies it as the torch reference does."""
+    from edge_reft.reftfile import save_patch
+    from edge_reft.train.hf import reference_logits
+    t = Trainer(backbone.model, examples[:16], TrainConfig(layers=(15,), rank=4, positions="l1", batch_size=8,
+                                                           epochs=2, type=itype, holdout=0,
+                                                           lr=5e-2 if itype == "lobireft" else 4e-3), 576)
+    t.prepare()
+    t.run()
+    assert np.mean(t.losses[-2:]) < np.mean(t.losses[:2]), t.losses
+    engine = engines_f32["native"]  # llama.cpp on the F32 twin: comparable to torch to float32 rounding
+    back = load_patch(save_patch(t.reft.to_patch(backbone.base, itype), tmp_path / f"{itype}.reft"),
+                      model=engine.base)
+    iv = back.interventions[0]
+    assert iv.type == itype and (iv.weight is None) == (itype == "lobireft")
+    assert back.version == 2 and back.provenance == {}
+    prompt = engine.prompt_tokens(sst2_records("test", 1)[0]["prompt"])
+    ref = reference_logits(hf_smol, prompt, [back])
+    assert np.abs(ref - reference_logits(hf_smol, prompt)).max() > 0.05, "the edit must matter"
+    np.testing.assert_allclose(engine.logits(prompt, back), ref, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("config,match", [
+    (dict(type="consreft"), "no identity start"), (dict(type="lora"), "not an intervention type"),
     (dict(layers=(40,)), "layer 40 does not exist"), (dict(rank=0), "rank"), (dict(positions="x1"), "position rule"),
     (dict(lr=5.0), "lr"), (dict(batch_size=0), "batch_size"), (dict(weights_cache_mb=-1), "weights_cache_mb"),
 ])

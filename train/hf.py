@@ -113,10 +113,9 @@ class ReftHooks:
         self.model, self.start, self.n_prompt = model, 0, 0
         ivs = [iv for p in patches for iv in p.interventions]
         self.by_layer: dict[int, list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for iv in ivs:
-            r = torch.from_numpy(iv.rotate.copy())
-            self.by_layer.setdefault(iv.layer, []).append(
-                (iv.positions, r, torch.from_numpy(iv.weight.copy()) - r, torch.from_numpy(iv.bias.copy())))
+        for iv in ivs:  # (A, B, c) from the type's own rule, as the runtimes get them
+            a, b, c = (torch.from_numpy(x.copy()) for x in iv.compiled())
+            self.by_layer.setdefault(iv.layer, []).append((iv.positions, a, b, c))
         self._handles: list[Any] = []
 
     def __enter__(self) -> "ReftHooks":

@@ -1,12 +1,15 @@
-"""Trainable LoReFT interventions, and the hooks that apply them to a torch model.
+"""Trainable interventions of any trainable type, and the hooks that apply them to a torch model.
 
+A type's math comes from its entry in ``edge_reft.interventions`` (``compile`` on
+torch tensors, so gradients flow through the same rule the runtimes apply).
 R is kept orthonormal by a map, not by a constraint: R = qr(A^T)^T with the
 signs fixed (``loreft_torch.orthonormal_rows``), O(d r^2) a step, against the
 O(d^2 r) of the d x d Householder parametrization pyreft uses.  Both reach
 every orthonormal R; they differ only in the path the optimizer takes.  At
 export R is re-orthonormalized in float64, so it is orthonormal to float32
-precision.  Training starts from the identity edit (W = R, b = 0): step 0 is
-the unpatched model.
+precision; the unconstrained types (noreft, nodireft) train P as it is.
+Training starts from the identity edit (the type's ``train_init``: W = R or
+W = 0, and b = 0): step 0 is the unpatched model.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from edge_reft import interventions as types
+from edge_reft import spec
+from edge_reft.errors import ReftError
 from edge_reft.loreft import random_orthonormal
 from .loreft_torch import edit, orthonormal_rows
 from edge_reft.patch import BaseModel, Intervention, Patch
@@ -27,20 +33,35 @@ class Spec:
     layer: int
     rule: PositionRule
     rank: int
+    type: str = "loreft"
+
+    def __post_init__(self) -> None:
+        itype = types.get(self.type)
+        if itype is None:
+            raise ReftError(f"--type {self.type!r}: not an intervention type (trainable: "
+                            f"{', '.join(types.TRAINABLE)})")
+        if not itype.trainable:
+            raise ReftError(f"--type {self.type}: {itype.train_init}")
 
 
 class TrainableReft(torch.nn.Module):
+    """Per spec: A (R's unconstrained source, or P), W (types that store a weight) and b."""
+
     def __init__(self, specs: Sequence[Spec], n_embd: int, seed: int):
         super().__init__()
         self.specs = tuple(specs)
+        self.types = tuple(types.TYPES[s.type] for s in self.specs)
         rng = np.random.default_rng(seed)
         self.A = torch.nn.ParameterList()
         self.W = torch.nn.ParameterList()
         self.b = torch.nn.ParameterList()
-        for s in self.specs:
+        self.w_index: list[int | None] = []  # spec k -> its index in W (None: the type has no W)
+        for s, t in zip(self.specs, self.types):
             r0 = torch.from_numpy(random_orthonormal(s.rank, n_embd, rng))
             self.A.append(torch.nn.Parameter(r0.clone()))
-            self.W.append(torch.nn.Parameter(r0.clone()))
+            self.w_index.append(len(self.W) if spec.WEIGHT in t.stored else None)
+            if self.w_index[-1] is not None:
+                self.W.append(torch.nn.Parameter(r0.clone() if t.train_init == "w=r" else torch.zeros_like(r0)))
             self.b.append(torch.nn.Parameter(torch.zeros(s.rank)))
 
     @property
@@ -48,21 +69,29 @@ class TrainableReft(torch.nn.Module):
         return tuple(sorted({s.layer for s in self.specs}))
 
     def n_params(self) -> int:
-        return sum(s.rank * (2 * self.A[0].shape[1] + 1) for s in self.specs)
+        return sum(p.numel() for p in self.parameters())
 
     def first_edited(self, n_prompt: int) -> int:
         """The lowest position any intervention edits in a prompt of n tokens."""
         return min(s.rule.first_edited(n_prompt) for s in self.specs)
 
+    def tensors(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Spec k's (rotate, weight, bias) as the type stores them (rotate orthonormal where required)."""
+        a = self.A[k]
+        rotate = orthonormal_rows(a) if self.types[k].orthonormal else a
+        w = self.w_index[k]
+        return rotate, None if w is None else self.W[w], self.b[k]
+
     def to_patch(self, base: BaseModel, name: str = "", description: str = "",
                  provenance: Mapping[str, Any] | None = None) -> Patch:
         ivs = []
         with torch.no_grad():
-            for s, a, w, b in zip(self.specs, self.A, self.W, self.b):
-                # float64 on the CPU: MPS has no float64, and the export is once
-                r = orthonormal_rows(a.detach().cpu().double()).float()
-                ivs.append(Intervention(s.layer, s.rule, r.numpy(), w.detach().cpu().float().numpy(),
-                                        b.detach().cpu().float().numpy()))
+            for k, (s, t) in enumerate(zip(self.specs, self.types)):
+                rotate, weight, bias = self.tensors(k)
+                if t.orthonormal:  # float64 on the CPU: MPS has no float64, and the export is once
+                    rotate = orthonormal_rows(self.A[k].detach().cpu().double())
+                f32 = (lambda x: None if x is None else x.detach().cpu().float().numpy())  # noqa: E731
+                ivs.append(Intervention(s.layer, s.rule, f32(rotate), f32(weight), f32(bias), s.type))
         return Patch(base, tuple(ivs), name, description, dict(provenance or {}))
 
 
@@ -94,8 +123,7 @@ class BatchHooks:
         def hook(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
             for k in ks:
-                r = orthonormal_rows(self.reft.A[k])
-                edited = edit(h, r, self.reft.W[k] - r, self.reft.b[k])
+                edited = edit(h, *self.reft.types[k].compile(*self.reft.tensors(k)))
                 h = torch.where(self.masks[k][..., None], edited, h)
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         return hook

@@ -8,15 +8,17 @@ import torch
 
 
 def edit(h: torch.Tensor, rotate: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``h + (h @ delta.T + bias) @ rotate`` in float32, for rows h of (..., d); delta = W - R."""
+    """``h + (h @ delta.T + bias) @ rotate`` in float32, for rows h of (..., d): A = rotate, B = delta."""
     h32 = h.float()
     return h32 + (h32 @ delta.T + bias) @ rotate
 
 
-def loreft(h: torch.Tensor, rotate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """h + R^T (W h + b - R h), row-wise, in float32."""
-    r = rotate.float()
-    return edit(h, r, weight.float() - r, bias.float())
+def apply(type: str, h: torch.Tensor, rotate: torch.Tensor, weight: torch.Tensor | None,
+          bias: torch.Tensor) -> torch.Tensor:
+    """An intervention of ``type`` (edge_reft.interventions) applied to rows h, in float32."""
+    from edge_reft.interventions import TYPES
+    f32 = (lambda a: None if a is None else a.float())  # noqa: E731
+    return edit(h, *TYPES[type].compile(f32(rotate), f32(weight), f32(bias)))
 
 
 def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:

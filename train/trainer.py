@@ -57,6 +57,7 @@ class TrainConfig:
     layers: tuple[int, ...] | None = None
     rank: int = 4
     positions: str = "f1+l1"
+    type: str = "loreft"              # an edge_reft.interventions type that can be trained
     epochs: int | None = None
     lr: float = DEFAULT_LR
     batch_size: int = 8
@@ -79,6 +80,10 @@ class TrainConfig:
             problems.append(f"rank: {self.rank!r}, expected an integer >= 1")
         try:
             PositionRule.parse(self.positions)
+        except ReftError as e:
+            problems.append(str(e))
+        try:
+            Spec(0, PositionRule(all=True), 1, self.type)
         except ReftError as e:
             problems.append(str(e))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
@@ -112,7 +117,7 @@ class TrainConfig:
 
     def specs(self) -> list[Spec]:
         rule = PositionRule.parse(self.positions)
-        return [Spec(L, rule, self.rank) for L in self.layers]
+        return [Spec(L, rule, self.rank, self.type) for L in self.layers]
 
 
 def batches(n_examples: int, config: TrainConfig) -> list[np.ndarray]:

@@ -5,8 +5,9 @@
  * Ask phase: with no job (most ubatches of a prompt-scoped patch) it returns
  * false at once; otherwise it compares the node's name with the few
  * "l_out-L" names of this ubatch.  Data phase: it reads the rows to edit with
- * ggml_backend_tensor_get, applies LoReFT exactly as edge_reft.loreft does,
- * h + (h (W - R)^T + b) R, in float32, and writes them back with
+ * ggml_backend_tensor_get, applies the edit exactly as edge_reft.loreft does,
+ * h + (h B^T + c) A (LoReFT: A = R, B = W - R, c = b; every type: edge_reft/interventions.py),
+ * in float32, and writes them back with
  * ggml_backend_tensor_set (CPU and GPU buffers alike).
  *
  * No ggml header is needed: the few ggml functions used are passed in as
@@ -48,7 +49,7 @@ typedef struct {
     int32_t n_rows;
     const int32_t *rows;    /* tensor rows to edit, relative to the job's lo */
     const float *rotate;    /* (rank, d) R */
-    const float *delta;     /* (rank, d) W - R */
+    const float *delta;     /* (rank, d) B (W - R for LoReFT) */
     const float *bias;      /* (rank) b */
 } gate_edit;
 

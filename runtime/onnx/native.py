@@ -4,7 +4,7 @@ tokenizer is edge_reft.hftokenizer's).
 
 The manifest (``edge_reft_onnx.json``, written by
 ``edge_reft.converters.onnx_export``) names every input; each edit slot at
-block L takes rotate (B, r, d), delta_t = (W - R)^T (B, d, r), bias (B, 1, r)
+block L takes rotate A (B, r, d), delta_t = B^T (B, d, r), bias c (B, 1, r)
 and mask (B, S, 1), r the export's max rank (zero-padded: zero rows change
 nothing).  Several interventions on one block fill its slots in order.
 Each block also has a bool input ``reft.L.on``: off, the block runs the

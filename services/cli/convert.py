@@ -18,8 +18,15 @@ def parser() -> argparse.ArgumentParser:
                         "(pyreft does not save them)")
     p.add_argument("--share-weights", action="store_true",
                    help="it was trained with --share_weights (one intervention per layer for f<N>+l<M>)")
-    p.add_argument("--type", choices=["loreft", "noreft"], default=None,
-                   help="the intervention class, needed only for NoReFT without config.json")
+    from edge_reft.converters.pyreft import CONVENTIONS, DEFAULT_CONVENTION
+    from edge_reft.interventions import TYPES
+    p.add_argument("--dataset-convention", choices=list(CONVENTIONS), default=None,
+                   help="which pyreft data module placed the positions (pyreft does not save it): "
+                        + "; ".join(f"{k}: {v[0]}" for k, v in CONVENTIONS.items())
+                        + f" (default: {DEFAULT_CONVENTION}, with a warning)")
+    p.add_argument("--type", choices=list(TYPES),
+                   default=None, help="the intervention class, needed only without config.json for "
+                                      "NoReFT/NodiReFT or ConsReFT/LobiReFT (they save the same tensors)")
     p.add_argument("--out", required=True, help="the .reft file to write")
     p.add_argument("--name", default="", help="patch name (default: the folder's name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
@@ -35,13 +42,14 @@ def main(argv: list[str]) -> int:
 
     if a.source == "pyreft":
         from edge_reft.services.cli.inspect import format_patch
-        patch = pyreft.convert(a.dir, a.base, a.out, a.positions, a.share_weights, name=a.name,
-                               intervention_type=a.type, force=a.force)
+        patch = pyreft.convert(a.dir, a.base, a.out, a.positions, a.share_weights,
+                               convention=a.dataset_convention, name=a.name, intervention_type=a.type,
+                               force=a.force)
         print(format_patch(patch))
         return 0
     from edge_reft.reftfile import load_patch
     patch = load_patch(a.patch)
-    positions, share_weights = pyreft.to_pyreft(patch, a.out)
+    setting = pyreft.to_pyreft(patch, a.out)
     print(f"wrote {a.out}: {len(patch.interventions)} interventions (pyvene 0.1.8 layout); "
-          f"load them with positions={positions!r}, share_weights={share_weights}")
+          f"load them with {setting}")
     return 0

@@ -21,7 +21,7 @@ def patch_record(p: Patch) -> dict[str, Any]:
         "file": p.source, "bytes": os.path.getsize(p.source) if os.path.exists(p.source) else None,
         "parameters": p.n_params,
         spec.GENERAL_TYPE: spec.GENERAL_TYPE_VALUE, spec.ADAPTER_TYPE: spec.ADAPTER_TYPE_VALUE,
-        spec.REFT_VERSION_KEY: spec.REFT_VERSION, spec.GENERAL_ARCHITECTURE: p.base.architecture,
+        spec.REFT_VERSION_KEY: p.version, spec.GENERAL_ARCHITECTURE: p.base.architecture,
         spec.BASE_N_EMBD: p.base.n_embd, spec.BASE_N_LAYER: p.base.n_layer,
         spec.BASE_FINGERPRINT: p.base.fingerprint, spec.BASE_NAME: p.base.name,
         spec.COUNT: len(p.interventions),
@@ -49,11 +49,17 @@ def format_patch(p: Patch) -> str:
         lines.append(f"description  {p.description}")
     lines += [f"base         {p.base.name or '?'} ({p.base.architecture}, n_embd {p.base.n_embd}, "
               f"n_layer {p.base.n_layer})",
-              f"fingerprint  {p.base.fingerprint}", "",
-              f"{'#':>3}  {'type':<7} {'layer':>5}  {'component':<13} {'positions':<10} {'rank':>4}  dtype"]
+              f"fingerprint  {p.base.fingerprint}",
+              f"format       reft.version {p.version}", "",
+              f"{'#':>3}  {'type':<8} {'layer':>5}  {'component':<13} {'positions':<10} {'rank':>4}  dtype"]
     for i, iv in enumerate(p.interventions):
-        lines.append(f"{i:>3}  {iv.type:<7} {iv.layer:>5}  {iv.component:<13} {str(iv.positions):<10} "
+        lines.append(f"{i:>3}  {iv.type:<8} {iv.layer:>5}  {iv.component:<13} {str(iv.positions):<10} "
                      f"{iv.rank:>4}  {spec.TENSOR_DTYPES[iv.dtype]}")
+    from edge_reft.interventions import TYPES
+    lines.append("")
+    lines += [f"  {t:<10} {TYPES[t].formula}" for t in dict.fromkeys(iv.type for iv in p.interventions)]
+    rules = dict.fromkeys(iv.positions for iv in p.interventions)
+    lines += [f"  {str(r):<10} {r.describe()}" for r in rules]
     if p.provenance:
         lines += ["", "provenance"]
         lines += [f"  {k:<20} {v}" for k, v in p.provenance.items()]

@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
                          "4,10,16,22 on a 30-block model)")
     ap.add_argument("--rank", type=int, default=None, help="rank of each intervention (default: 4)")
     ap.add_argument("--positions", default=None, help="l1, f1+l1, f3+l3, all, ... (default: f1+l1)")
+    from edge_reft.interventions import TRAINABLE, TYPES
+    ap.add_argument("--type", default="loreft", choices=TRAINABLE, metavar="TYPE",
+                    help="intervention type: " + "; ".join(f"{n}: {TYPES[n].formula}" for n in TRAINABLE)
+                    + " (default: loreft; direft drops the -Rh term and trains faster)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="passes over the data (default: 3 to 10, more for small data: ~500 example passes)")
     ap.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> int:
         from edge_reft.fingerprint import base_model
         layers = (base_model(a.base).n_layer // 2,)
     cfg = TrainConfig(layers=layers, rank=a.rank if a.rank is not None else preset.get("rank", 4),
-                      positions=a.positions or preset.get("positions", "f1+l1"),
+                      positions=a.positions or preset.get("positions", "f1+l1"), type=a.type,
                       epochs=a.epochs if a.epochs is not None else preset.get("epochs"),
                       lr=a.lr if a.lr is not None else preset.get("lr", DEFAULT_LR),
                       batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps, holdout=a.holdout,

@@ -18,7 +18,7 @@ local patch; the folder wins when both have a name.  ``names``/``exists`` (what
 Memory: the LRU keeps at most ``capacity`` bound PatchSets besides the pinned ones
 (``pin``: loaded at start-up, never evicted; a pinned name that cannot be loaded is a
 start-up error).  A PatchSet holds, per intervention of rank r on a model of width d,
-R, W and W - R (r x d float32 each) and b: ``PatchSet.nbytes``, summed in ``nbytes``.
+R, W and B (W - R for LoReFT; r x d float32 each) and b: ``PatchSet.nbytes``, summed in ``nbytes``.
 Measured on SmolLM2-135M (d = 576): a one-intervention rank-4 patch, ``l1`` or ``f1+l1``
 (a 19.3 KB file), holds 27 664 bytes of arrays and keeps about 30 KB alive with its Python
 objects (tracemalloc over 100 loads and binds); an ``l1`` + ``f1+l1`` patch 55 328 bytes,
