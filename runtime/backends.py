@@ -56,6 +56,9 @@ BACKENDS = (
                 Option("--split-decode", "split_decode", "decode tokens a patch does not edit in a "
                        "second context without the eval callback (auto: when --ngl > 0; costs a "
                        "second KV cache)", choices=tuple(ON_OFF_AUTO), values=ON_OFF_AUTO),
+                Option("--kv-f32", "kv_f32", "keep the KV cache in float32 instead of float16 (twice the "
+                       "memory; for comparing with a float32 reference such as pyreft's)",
+                       choices=("on", "off"), values={"on": True, "off": False}),
                 Option("--kv-unified", "kv_unified", "serve --slots: one KV stream for all slots (every "
                        "step one ubatch) instead of one per slot (default off: on a CPU each answer is "
                        "then bit for bit what it is alone, whatever the batch)",
