@@ -223,11 +223,15 @@ def pyreft_rules(positions: str, untied: bool, convention: str) -> tuple[Positio
     return (PositionRule(rule.first, rule.last, paired=True, end=end),)
 
 
-def _rules(keys: list[PyreftKey], positions: str, share_weights: bool, convention: str) -> list[PositionRule]:
-    """Each intervention's rule: pyreft's one setting, split into f and l when untied."""
-    parsed = PositionRule.parse(positions)
-    untied = bool(parsed.first and parsed.last and not share_weights)
-    rules = pyreft_rules(positions, untied, convention)
+def _untied(positions: str, share_weights: bool) -> bool:
+    """pyreft trains two interventions per layer: f<N>+l<M> without share_weights."""
+    rule = PositionRule.parse(positions)
+    return bool(rule.first and rule.last and not share_weights)
+
+
+def _rules(keys: list[PyreftKey], positions: str, untied: bool,
+           rules: tuple[PositionRule, ...]) -> list[PositionRule]:
+    """Each intervention's rule (``rules`` from ``pyreft_rules``), its layer's count checked."""
     per_layer: dict[int, list[int]] = {}
     for k in keys:
         per_layer.setdefault(k.layer, []).append(k.index)
@@ -270,7 +274,8 @@ def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str,
         convention = DEFAULT_CONVENTION
     if intervention_type is not None and intervention_type not in types.TYPES:
         raise ReftError(f"--type {intervention_type!r}: expected one of {', '.join(types.TYPES)}")
-    pyreft_rules(positions, False, convention)  # the arguments' own errors first
+    untied = _untied(positions, share_weights)
+    exact_rules = pyreft_rules(positions, untied, convention)  # the arguments' own errors first
     d = find_checkpoint(folder)
     config, problems = _read_config(d), []
     listed = _keys_and_types(d, config, problems)
@@ -296,7 +301,7 @@ def from_pyreft(folder: str | os.PathLike[str], base: BaseModel, positions: str,
             problems.append(f"{path}: {e}")
     if not problems:
         try:
-            rules = _rules(keys, positions, share_weights, convention)
+            rules = _rules(keys, positions, untied, exact_rules)
         except ReftError as e:
             problems.append(f"{d}: {e}")
     if problems:

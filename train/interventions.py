@@ -36,12 +36,17 @@ class Spec:
     type: str = "loreft"
 
     def __post_init__(self) -> None:
-        itype = types.get(self.type)
-        if itype is None:
-            raise ReftError(f"--type {self.type!r}: not an intervention type (trainable: "
-                            f"{', '.join(types.TRAINABLE)})")
-        if not itype.trainable:
-            raise ReftError(f"--type {self.type}: {itype.train_init}")
+        trainable_type(self.type)
+
+
+def trainable_type(name: Any) -> types.InterventionType:
+    """The type ``name``, or a ReftError saying why ``edge-reft train --type`` cannot make it."""
+    itype = types.get(name)
+    if itype is None:
+        raise ReftError(f"--type {name!r}: not an intervention type (trainable: {', '.join(types.TRAINABLE)})")
+    if not itype.trainable:
+        raise ReftError(f"--type {name}: {itype.train_init}")
+    return itype
 
 
 class TrainableReft(torch.nn.Module):
@@ -86,12 +91,13 @@ class TrainableReft(torch.nn.Module):
                  provenance: Mapping[str, Any] | None = None) -> Patch:
         ivs = []
         with torch.no_grad():
+            f32 = (lambda x: None if x is None else x.detach().cpu().float().numpy())  # noqa: E731
             for k, (s, t) in enumerate(zip(self.specs, self.types)):
-                rotate, weight, bias = self.tensors(k)
-                if t.orthonormal:  # float64 on the CPU: MPS has no float64, and the export is once
-                    rotate = orthonormal_rows(self.A[k].detach().cpu().double())
-                f32 = (lambda x: None if x is None else x.detach().cpu().float().numpy())  # noqa: E731
-                ivs.append(Intervention(s.layer, s.rule, f32(rotate), f32(weight), f32(bias), s.type))
+                a, w = self.A[k], self.w_index[k]
+                # R re-orthonormalized in float64 on the CPU: MPS has no float64, and the export is once
+                rotate = orthonormal_rows(a.detach().cpu().double()) if t.orthonormal else a
+                ivs.append(Intervention(s.layer, s.rule, f32(rotate), f32(None if w is None else self.W[w]),
+                                        f32(self.b[k]), s.type))
         return Patch(base, tuple(ivs), name, description, dict(provenance or {}))
 
 

@@ -24,7 +24,7 @@ from edge_reft.positions import PositionRule
 from . import prefix
 from .ggufq import GGUFLinear
 from edge_reft.dataset import Example
-from .interventions import BatchHooks, Spec, TrainableReft
+from .interventions import BatchHooks, Spec, TrainableReft, trainable_type
 from .recompute import auto_recompute, recomputed
 
 DEFAULT_LR = 4e-3  # the top of pyreft's range (5e-4 .. 4e-3): small data sets need the steps to count
@@ -83,7 +83,7 @@ class TrainConfig:
         except ReftError as e:
             problems.append(str(e))
         try:
-            Spec(0, PositionRule(all=True), 1, self.type)
+            trainable_type(self.type)
         except ReftError as e:
             problems.append(str(e))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):

@@ -50,7 +50,7 @@ def format_patch(p: Patch) -> str:
     lines += [f"base         {p.base.name or '?'} ({p.base.architecture}, n_embd {p.base.n_embd}, "
               f"n_layer {p.base.n_layer})",
               f"fingerprint  {p.base.fingerprint}",
-              f"format       reft.version {p.version}", "",
+              f"format       reft.version {p.version} (the lowest version that holds this patch)", "",
               f"{'#':>3}  {'type':<8} {'layer':>5}  {'component':<13} {'positions':<10} {'rank':>4}  dtype"]
     for i, iv in enumerate(p.interventions):
         lines.append(f"{i:>3}  {iv.type:<8} {iv.layer:>5}  {iv.component:<13} {str(iv.positions):<10} "
