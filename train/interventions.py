@@ -102,22 +102,25 @@ class TrainableReft(torch.nn.Module):
 
 
 class BatchHooks:
-    """Forward hooks that edit block outputs where ``masks[k]`` (B, S) is true.
+    """Forward hooks that edit block outputs of a batch whose rows belong to one or more
+    trainable sets (one user, or a fleet of users training together).
 
-    Set ``masks`` (one bool tensor per spec, for the positions of the next
-    forward) before each forward; interventions on one block apply in order.
+    A member is ``(reft, rows, masks)``: the batch rows ``rows`` (a slice; members cover the
+    batch in order) are edited with ``reft``'s own parameters where ``masks[k]`` (rows, S)
+    is true for its spec k; interventions on one block apply in order.
     """
 
-    def __init__(self, model: Any, reft: TrainableReft):
+    Member = tuple[TrainableReft, slice, Sequence[torch.Tensor]]
+
+    def __init__(self, model: Any, members: Sequence[Member]):
         from .hf import decoder_layers
-        self.reft, self.masks = reft, None
+        self.members = list(members)
         self.layers = decoder_layers(model)
         self.handles: list[Any] = []
 
     def __enter__(self) -> "BatchHooks":
-        for layer in self.reft.layers:
-            ks = [k for k, s in enumerate(self.reft.specs) if s.layer == layer]
-            self.handles.append(self.layers[layer].register_forward_hook(self._hook(ks)))
+        for layer in sorted({L for reft, _, _ in self.members for L in reft.layers}):
+            self.handles.append(self.layers[layer].register_forward_hook(self._hook(layer)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -125,11 +128,18 @@ class BatchHooks:
             h.remove()
         self.handles.clear()
 
-    def _hook(self, ks: list[int]):
+    def _hook(self, layer: int):
+        at = [[k for k, s in enumerate(reft.specs) if s.layer == layer] for reft, _, _ in self.members]
+
         def hook(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
-            for k in ks:
-                edited = edit(h, *self.reft.types[k].compile(*self.reft.tensors(k)))
-                h = torch.where(self.masks[k][..., None], edited, h)
+            parts = []
+            for (reft, rows, masks), ks in zip(self.members, at):
+                part = h[rows]
+                for k in ks:
+                    edited = edit(part, *reft.types[k].compile(*reft.tensors(k)))
+                    part = torch.where(masks[k][..., None], edited, part)
+                parts.append(part)
+            h = parts[0] if len(parts) == 1 else torch.cat(parts)
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         return hook

@@ -14,6 +14,7 @@ Entries live in memory up to a byte budget and on disk past it.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,47 +85,95 @@ def pad_batch(seqs: Sequence[Sequence[int]], device: torch.device | str = "cpu")
     return ids.to(device), mask.to(device)
 
 
+SHARED_MIN = 8  # a common head shorter than this (tokens) is not worth a pass of its own
+
+
 @torch.no_grad()
-def build(model: Any, examples: Sequence[Example], first_layer: int, first_edited: Callable[[int], int],
-          cache: PrefixCache, batch: int = 8, progress: Callable[[int], None] = lambda n: None) -> None:
-    """One frozen forward per example (batched, right-padded): fill ``cache``."""
+def build(model: Any, examples: Sequence[Example], first_layer: int,
+          first_edited: Callable[[int], int] | Sequence[int], cache: PrefixCache, batch: int = 8,
+          progress: Callable[[int], None] = lambda n: None, keys: Sequence[int] | None = None,
+          shared_min: int = SHARED_MIN) -> None:
+    """Frozen forwards of ``examples`` (batched, right-padded) fill ``cache`` under ``keys``
+    (default: the example's index).  ``first_edited``: a prompt length's first edited
+    position, or each example's own (examples of several users train in one fleet).
+
+    Examples with a common head before their first edited position (a chat template's system
+    turn, an instruction) are batched together, and the head runs once per batch: its keys
+    and values are the same for every example whatever follows (the model is causal), so
+    only the rest of each example runs as a batch on top of them.  On templated data that is
+    most of the prompt (SST-2 in SmolLM2's template: 44 of 74 tokens)."""
     from .hf import decoder_layers
     cfg = model.config.get_text_config()
     n_layer, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers = decoder_layers(model)
     device = model_device(model)
-    # batches of similar lengths: right-padding costs compute, and the cache is order-free
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    for start in range(0, len(examples), batch):
-        idx = order[start:start + batch]
+    p0s = list(first_edited) if not callable(first_edited) else [first_edited(len(e.prompt)) for e in examples]
+    keys = list(range(len(examples))) if keys is None else list(keys)
+    for idx in _batches(examples, p0s, batch):
         chunk = [examples[i] for i in idx]
-        ids, mask = pad_batch([e.tokens for e in chunk], device)
+        s = _common_head(chunk, [p0s[i] for i in idx])
+        s = s if s >= shared_min else 0
+        past = _head_cache(model, chunk[0].tokens[:s], len(chunk)) if s else None
+        ids, mask = pad_batch([e.tokens[s:] for e in chunk], device)
+        pos = None
+        if s:
+            mask = torch.cat([torch.ones(len(chunk), s, dtype=mask.dtype, device=device), mask], 1)
+            pos = (s + torch.arange(ids.shape[1], device=device)).expand(len(chunk), -1)
         # with nothing to cache above (every edit starts at position 0), the blocks from
         # first_layer up are not needed at all
-        upper = range(first_layer, n_layer) if all(first_edited(len(e.prompt)) == 0 for e in chunk) else ()
+        upper = range(first_layer, n_layer) if all(p0s[i] == 0 for i in idx) else ()
         kept = {L: layers[L] for L in upper}
         for L in upper:
             layers[L] = _Passthrough()
         captured: dict[str, torch.Tensor] = {}  # the input of block first_layer, as it is handed over
         grab = layers[first_layer].register_forward_pre_hook(lambda m, args: captured.setdefault("h", args[0]))
         try:  # the decoder only: the LM head over every position would cost more than the blocks
-            out = model.model(input_ids=ids, attention_mask=mask, use_cache=True)
+            out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                              use_cache=True)
         finally:
             grab.remove()
             for L, m in kept.items():
                 layers[L] = m
-        h_all = captured["h"]
-        kv = out.past_key_values
-        for j, e in enumerate(chunk):
-            p0, t = first_edited(len(e.prompt)), len(e.tokens)
+        h_all = captured["h"]  # positions s..
+        kv = out.past_key_values  # positions 0.. (the head's included)
+        for j, (i, e) in enumerate(zip(idx, chunk)):
+            p0, t = p0s[i], len(e.tokens)
             if p0 == 0:
                 k = v = np.zeros((n_layer - first_layer, n_kv, 0, head_dim), np.float32)
             else:
                 k = _host(torch.stack([kv.layers[L].keys[j, :, :p0] for L in range(first_layer, n_layer)]))
                 v = _host(torch.stack([kv.layers[L].values[j, :, :p0] for L in range(first_layer, n_layer)]))
-            cache.put(idx[j], Entry(p0, _host(h_all[j, p0:t]), k, v))
+            cache.put(keys[i], Entry(p0, _host(h_all[j, p0 - s:t - s]), k, v))
         progress(len(chunk))
+
+
+def _batches(examples: Sequence[Example], p0s: Sequence[int], batch: int) -> list[list[int]]:
+    """Batches of example indices: sorted by the tokens before their first edited position, so
+    neighbours share the longest heads; within runs of 8 batches, by length (less padding)."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens[:p0s[i]])
+    out = []
+    for w in range(0, len(order), 8 * batch):
+        run = sorted(order[w:w + 8 * batch], key=lambda i: len(examples[i].tokens))
+        out += [run[i:i + batch] for i in range(0, len(run), batch)]
+    return out
+
+
+def _common_head(chunk: Sequence[Example], p0s: Sequence[int]) -> int:
+    """Tokens every example of ``chunk`` starts with, none of them edited."""
+    return min(len(os.path.commonprefix([list(e.tokens) for e in chunk])), *p0s)
+
+
+def _head_cache(model: Any, head: Sequence[int], rows: int) -> Any:
+    """A cache holding ``head``'s keys and values at every block, for ``rows`` rows."""
+    from transformers import DynamicCache
+    cfg = model.config.get_text_config()
+    ids = torch.tensor([list(head)], device=model_device(model))
+    one = model.model(input_ids=ids, use_cache=True).past_key_values
+    past = DynamicCache(config=cfg)
+    for L, layer in enumerate(one.layers):
+        past.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), L)
+    return past
 
 
 def room(model: Any, otherwise: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,11 +20,11 @@ import torch
 from edge_reft.errors import ReftError
 from edge_reft.files import atomic_path, write_text
 from edge_reft.positions import PositionRule
-from . import prefix
+from . import fleet, prefix
 from .ggufq import GGUFLinear
 from edge_reft.dataset import Example
-from .interventions import BatchHooks, Spec, TrainableReft, trainable_type
-from .recompute import auto_recompute, recomputed
+from .interventions import Spec, TrainableReft, trainable_type
+from .recompute import auto_recompute
 
 DEFAULT_LR = 4e-3  # the top of pyreft's range (5e-4 .. 4e-3): small data sets need the steps to count
 # Where the default patch edits, as fractions of the depth: four blocks from early to late
@@ -196,50 +195,18 @@ class Trainer:
             c.budget = budget
         # what a step runs through the trained blocks: positions first_edited.. with the prefix
         # cache (an l1 row: the prompt's last token and the reply), every position without it
-        ran = [len(e.tokens) - (self.reft.first_edited(len(e.prompt)) if config.prefix_cache else 0)
-               for e in self.examples]
+        self.ran = [len(e.tokens) - (self.reft.first_edited(len(e.prompt)) if config.prefix_cache else 0)
+                    for e in self.examples]
         self.recompute = config.recompute if config.recompute is not None else auto_recompute(
-            model, self.first_layer, ran, config.batch_size)
+            model, self.first_layer, self.ran, config.batch_size)
+        self._batches: list | None = None
 
     # ---- one batch ---------------------------------------------------------------
-    def _masks(self, rows: Sequence[tuple[int, int, int]], width: int) -> list[torch.Tensor]:
-        """Per spec, (B, width) bool: rows are (n_prompt, first position, length)."""
-        masks = []
-        for s in self.reft.specs:
-            m = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, (n, start, length) in enumerate(rows):
-                pos = np.arange(start, start + length)
-                hit = np.ones(length, bool) if s.rule.all else np.isin(pos, s.rule.select(n))
-                m[i, :length] = torch.from_numpy(hit)
-            masks.append(m.to(self.device))
-        return masks
-
     def batch_loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
         """Summed reply-token cross-entropy of examples ``idx`` and their token count."""
-        from .hf import decoder_layers
-        exs = [self.examples[i] for i in idx]
-        with recomputed(decoder_layers(self.model), self.first_layer, self.recompute), \
-                BatchHooks(self.model, self.reft) as hooks:
-            if self.config.prefix_cache:
-                entries = [self.cache.get(i) for i in idx]
-                rows = [(len(e.prompt), en.p0, len(e.tokens) - en.p0) for e, en in zip(exs, entries)]
-                hooks.masks = self._masks(rows, max(r[2] for r in rows))
-                hidden = prefix.cached_forward(self.model, entries, self.first_layer)
-            else:
-                rows = [(len(e.prompt), 0, len(e.tokens)) for e in exs]
-                hooks.masks = self._masks(rows, max(r[2] for r in rows))
-                ids, mask = prefix.pad_batch([e.tokens for e in exs], self.device)
-                hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        picked, targets = [], []
-        for i, (e, (n, start, _)) in enumerate(zip(exs, rows)):
-            r0 = n - 1 - start  # the logits at prompt position n-1 predict the first reply token
-            picked.append(hidden[i, r0:r0 + len(e.target)])
-            targets.extend(e.target)
-        out = logits(self.model, torch.cat(picked))
-        loss = torch.nn.functional.cross_entropy(out, torch.tensor(targets, device=out.device), reduction="sum")
-        return loss, len(targets)
+        return fleet.losses([(self, idx)], self.recompute)[0]
 
-    # ---- the loop -----------------------------------------------------------------
+    # ---- the loop (train.fleet: one loop for one user or many) ------------------------
     def prepare(self, progress: Callable[[int], None] = lambda n: None) -> None:
         if self.config.prefix_cache and self.cache is None:
             self.cache = prefix.PrefixCache(self.config.prefix_cache_mb << 20,
@@ -256,24 +223,26 @@ class Trainer:
     def batches(self) -> list[np.ndarray]:
         return batches(self.n_train, self.config)[:self.total]
 
+    def next_batch(self) -> np.ndarray:
+        if self._batches is None:
+            self._batches = self.batches()
+        return self._batches[self.step]
+
+    @property
+    def done(self) -> bool:
+        return self.stopped_early or self.step >= self.total
+
     def held_out_loss(self) -> float:
         """Mean reply-token cross-entropy of the held-out examples under the current patch."""
-        total, count = 0.0, 0
-        idx = np.arange(self.n_train, len(self.examples))
-        with torch.no_grad():
-            for i in range(0, len(idx), self.config.batch_size):
-                loss, n = self.batch_loss(idx[i:i + self.config.batch_size])
-                total, count = total + float(loss), count + n
-        return total / count
+        return fleet.held_out([self])[0]
 
-    def _end_of_epoch(self) -> bool:
-        """Score the holdout; True when training should stop (no better loss for PATIENCE)."""
-        v = self.held_out_loss()
-        self.val_losses.append(v)
-        if self.best is None or v < self.best[0]:
-            self.best = (v, {k: t.detach().clone() for k, t in self.reft.state_dict().items()})
+    def end_epoch(self, loss: float) -> None:
+        """Record an epoch's held-out ``loss``; stop after PATIENCE epochs without a better one."""
+        self.val_losses.append(loss)
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, {k: t.detach().clone() for k, t in self.reft.state_dict().items()})
         best_at = self.val_losses.index(min(self.val_losses))
-        return len(self.val_losses) - 1 - best_at >= PATIENCE
+        self.stopped_early = len(self.val_losses) - 1 - best_at >= PATIENCE
 
     def keep_best(self) -> None:
         """Put back the parameters of the epoch with the best held-out loss."""
@@ -281,15 +250,8 @@ class Trainer:
             self.reft.load_state_dict(self.best[1])
 
     def train_step(self, idx: Sequence[int]) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss, count = self.batch_loss(idx)
-        (loss / count).backward()
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        value = float(loss.detach()) / count
-        self.losses.append(value)
-        return value
+        """One step on examples ``idx`` (outside the schedule of batches: benchmarks, tests)."""
+        return fleet.step([(self, idx)])[0]
 
     stopped_early = False
 
@@ -297,31 +259,7 @@ class Trainer:
             on_epoch: Callable[[int, float, bool], None] = lambda e, v, best: None) -> None:
         """Train to the end (or an early stop), checkpointing; Ctrl-C saves a checkpoint and
         re-raises.  ``on_epoch(epoch, held-out loss, is best)`` hears each epoch's score."""
-        interrupted = []
-        old = signal.signal(signal.SIGINT, lambda *a: interrupted.append(1)) \
-            if self.ckpt and _main_thread() else None
-        try:
-            for idx in self.batches()[self.step:]:
-                loss = self.train_step(idx)
-                on_step(self.step, loss)
-                stop = False
-                if self.config.holdout and (self.step % self.per_epoch == 0 or self.step == self.total):
-                    stop = self._end_of_epoch()
-                    on_epoch(len(self.val_losses), self.val_losses[-1], self.val_losses[-1] == self.best[0])
-                if self.ckpt and (self.step % self.config.checkpoint_every == 0 or stop):
-                    self.save_checkpoint()
-                if interrupted:
-                    raise KeyboardInterrupt
-                if stop:
-                    self.stopped_early = True
-                    break
-        except KeyboardInterrupt:
-            if self.ckpt:
-                self.save_checkpoint()
-            raise
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+        fleet.run([self], lambda t, s, l: on_step(s, l), lambda t, e, v, best: on_epoch(e, v, best))
 
     # ---- checkpoints --------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -372,7 +310,3 @@ class Trainer:
             g["lr"] = self.config.lr * max(0.0, 1 - self.step / self.total)
         return True
 
-
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
