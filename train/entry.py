@@ -52,13 +52,9 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
     t0 = time.perf_counter()
     prompter, close = prompter_for(base)
     try:
-        examples = encode(read_jsonl(data), prompter)
+        examples, config = load_examples(data, prompter, config, model.n_layer)
     finally:
         close()
-    config = config.resolved(model.n_layer, len(examples))
-    if config.holdout:  # a fixed random part of the data, last: Trainer holds it out
-        order = np.random.default_rng([config.seed, 7919]).permutation(len(examples))
-        examples = [examples[i] for i in order]
     if progress:
         held = f" ({config.holdout} held out for early stopping)" if config.holdout else ""
         print(f"[train] {len(examples)} examples{held}; layers {','.join(map(str, config.layers))} of "
@@ -84,6 +80,17 @@ def train(base: str | os.PathLike[str], data: str | os.PathLike[str], out: str |
         raise
 
 
+def load_examples(data: str | os.PathLike[str], prompter: Any, config: TrainConfig,
+                  n_layer: int) -> tuple[list, TrainConfig]:
+    """The encoded examples of ``data`` (the held-out part last) and the config resolved for them."""
+    examples = encode(read_jsonl(data), prompter)
+    config = config.resolved(n_layer, len(examples))
+    if config.holdout:  # a fixed random part of the data, last: Trainer holds it out
+        order = np.random.default_rng([config.seed, 7919]).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    return examples, config
+
+
 def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], config: TrainConfig) -> BaseModel:
     """The base model's shape, after checking the files exist and the options fit it."""
     for flag, path in (("BASE", base), ("--data", data)):
@@ -94,6 +101,12 @@ def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], co
     model = base_model(base)
     if Path(base).is_file():
         check_trainable(Path(base), model.architecture)
+    check_fits(base, model, config)
+    return model
+
+
+def check_fits(base: str | os.PathLike[str], model: BaseModel, config: TrainConfig) -> None:
+    """The options against the model's shape."""
     problems = []
     if config.rank > model.n_embd:
         problems.append(f"--rank {config.rank}: more than the model's hidden size n_embd {model.n_embd}")
@@ -102,7 +115,6 @@ def _check_inputs(base: str | os.PathLike[str], data: str | os.PathLike[str], co
         problems.append(f"--layers: block {bad[0]} does not exist (the model has blocks 0..{model.n_layer - 1})")
     if problems:
         raise ReftError(f"train {base}: " + "; ".join(problems))
-    return model
 
 
 def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, bb: Backbone,
@@ -128,12 +140,20 @@ def _finish(trainer: Trainer, data, out: Path, ckpt: Path, config: TrainConfig, 
     if trainer.stopped_early and progress:
         print(f"[train] stopped early: no better held-out loss for {PATIENCE} epochs; kept epoch "
               f"{trainer.val_losses.index(min(trainer.val_losses)) + 1}", file=sys.stderr)
+    return write_patch(trainer, data, out, ckpt, bb, evaluate, progress, name, description, t0)
+
+
+def write_patch(trainer: Trainer, data, out: Path, ckpt: Path, bb: Backbone, evaluate: Evaluate | None = None,
+                progress: bool = False, name: str = "", description: str = "", t0: float = 0.0) -> Patch:
+    """A finished trainer's patch (its best epoch's, with the run's provenance) written to
+    ``out`` atomically; its checkpoint folder removed; the patch as read back."""
+    config = trainer.config
     tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
     provenance: dict[str, Any] = {
         "tool": f"edge-reft {__version__}", "data": Path(data).name, "data_sha256": sha256_file(data),
-        "examples": len(examples), "steps": trainer.step, "epochs": config.epochs, "batch_size": bs,
-        "lr": config.lr, "seed": config.seed, "layers": list(config.layers), "rank": config.rank,
-        "type": config.type,
+        "examples": len(trainer.examples), "steps": trainer.step, "epochs": config.epochs,
+        "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed, "layers": list(config.layers),
+        "rank": config.rank, "type": config.type,
         "positions": config.positions, "backbone": bb.kind, "device": bb.device,
         "final_loss": sum(tail) / len(tail),
         "train_seconds": round(time.perf_counter() - t0, 2),

@@ -93,15 +93,24 @@ def _tokens(part: Part) -> int:
     return sum(t.ran[i] for i in idx)
 
 
+def _width(part: Part) -> int:
+    t, idx = part
+    return max(t.ran[i] for i in idx)
+
+
+PADDING = 1.5  # a fleet forward may run at most this many padded positions per real one
+
+
 def chunks(parts: Sequence[Part]) -> list[tuple[list[Part], bool]]:
-    """The parts in forwards that can share a batch (same lowest block, same prefix setting),
-    each within the activation budget; with the recompute setting of each.  A lone user keeps
-    its own setting (``Trainer.recompute``); a fleet recomputes only a chunk that alone passes
-    the budget (one user's batch too large)."""
+    """The parts in forwards that can share a batch (same lowest block, same prefix setting)
+    and are alike in length (rows are padded to the longest: an ``l1`` user's 3-token rows
+    do not run at the width of an ``all`` user's 300), each within the activation budget;
+    with the recompute setting of each.  A lone user keeps its own setting
+    (``Trainer.recompute``); a fleet recomputes only a chunk that alone passes the budget."""
     if len(parts) == 1:
         return [([parts[0]], parts[0][0].recompute)]
     groups: dict[tuple, list[Part]] = {}
-    for p in parts:
+    for p in sorted(parts, key=_width):
         groups.setdefault((p[0].first_layer, p[0].config.prefix_cache), []).append(p)
     out = []
     for (first_layer, _), group in groups.items():
@@ -110,8 +119,10 @@ def chunks(parts: Sequence[Part]) -> list[tuple[list[Part], bool]]:
         per_token = activation_bytes(cfg, cfg.num_hidden_layers - first_layer, 1)
         budget = prefix.room(t.model, FLEET_BUDGET) // per_token
         chunk: list[Part] = []
-        for p in group:
-            if chunk and sum(map(_tokens, chunk)) + _tokens(p) > budget:
+        for p in group:  # widths ascending: p is the widest so far
+            tokens = sum(map(_tokens, chunk)) + _tokens(p)
+            rows = sum(len(idx) for _, idx in chunk) + len(p[1])
+            if chunk and (tokens > budget or rows * _width(p) > PADDING * tokens):
                 out.append((chunk, sum(map(_tokens, chunk)) > budget))
                 chunk = []
             chunk.append(p)

@@ -69,9 +69,35 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.memory) + len(self.disk)
 
+    def drop(self, keys: Sequence[int]) -> None:
+        """Forget ``keys`` (their memory and their spilled files)."""
+        for i in keys:
+            e = self.memory.pop(i, None)
+            if e is not None:
+                self.used -= e.nbytes
+            spilled = self.disk.pop(i, None)
+            if spilled is not None:
+                spilled[1].unlink(missing_ok=True)
+
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class Slice:
+    """One user's entries in a cache a fleet shares: its example i is the cache's ``offset + i``."""
+
+    def __init__(self, cache: PrefixCache, offset: int, n: int):
+        self.cache, self.offset, self.n = cache, offset, n
+
+    def get(self, i: int) -> Entry:
+        return self.cache.get(self.offset + i)
+
+    def drop(self) -> None:
+        self.cache.drop(range(self.offset, self.offset + self.n))
+
+    def close(self) -> None:
+        self.drop()
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

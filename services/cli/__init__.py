@@ -15,6 +15,7 @@ VERBS = {
     "run": ("run", "generate with a model and patches (llama.cpp or ONNX Runtime)"),
     "inspect": ("inspect", "show a .reft patch or a model GGUF (and its fingerprint)"),
     "train": ("train", "train a patch on a 4-bit backbone (GGUF or HF folder; needs [train])"),
+    "train-many": ("train_many", "train many users' patches together over one backbone (needs [train])"),
     "eval": ("evaluate", "accuracy of a patch on a JSONL data set, with and without it"),
     "convert": ("convert", "convert pyreft checkpoints to .reft and back"),
     "export-onnx": ("export_onnx", "build an ONNX Runtime model with patch inputs"),

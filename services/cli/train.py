@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 
 # name -> (what it is for, its flags): README's recipe table
@@ -18,35 +19,14 @@ PRESETS = {
 
 def parser() -> argparse.ArgumentParser:
     from edge_reft.train.backbone import DEVICES
-    from edge_reft.train.trainer import AUTO_WEIGHTS_CACHE, DEFAULT_LR
+    from edge_reft.train.trainer import AUTO_WEIGHTS_CACHE
 
-    from .common import add_model, layer_list, verb_parser
+    from .common import add_model, verb_parser
     ap = verb_parser("train", __doc__, "edge-reft train -m model.gguf --data me.jsonl --out me.reft")
     add_model(ap, "the user's .gguf (trains on exactly its weights) or an HF model folder (NF4)", "base")
     ap.add_argument("--data", required=True, help='JSON Lines: {"prompt", "response"} or {"messages"}')
     ap.add_argument("--out", required=True, help="the .reft to write")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="a recipe: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(PRESETS.items()))
-                    + " (flags given as well win)")
-    ap.add_argument("--layers", type=layer_list, default=None,
-                    help="blocks to edit, e.g. 15 or 12,18 (default: four spread over the depth, "
-                         "4,10,16,22 on a 30-block model)")
-    ap.add_argument("--rank", type=int, default=None, help="rank of each intervention (default: 4)")
-    ap.add_argument("--positions", default=None, help="l1, f1+l1, f3+l3, all, ... (default: f1+l1)")
-    from edge_reft.interventions import TRAINABLE, TYPES
-    ap.add_argument("--type", default="loreft", choices=TRAINABLE, metavar="TYPE",
-                    help="intervention type: " + "; ".join(f"{n}: {TYPES[n].formula}" for n in TRAINABLE)
-                    + " (default: loreft; direft drops the -Rh term and trains faster)")
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="passes over the data (default: 3 to 10, more for small data: ~500 example passes)")
-    ap.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
-    ap.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    ap.add_argument("--holdout", type=int, default=None,
-                    help="examples held out and scored after each epoch; training stops after 2 "
-                         "epochs without a better held-out loss and keeps the best (default: 10 %% "
-                         "of 50 or more examples, at most 64; 0: off)")
-    ap.add_argument("--seed", type=int, default=0, help="initialization and data order")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    add_recipe(ap)
     ap.add_argument("--eval-data", default=None, help="JSONL scored after training (through llama.cpp)")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
     ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
@@ -71,13 +51,61 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_recipe(ap: argparse.ArgumentParser) -> None:
+    """The options of one patch's training (train, and train-many's defaults for every user)."""
+    from edge_reft.train.trainer import DEFAULT_LR
+
+    from .common import layer_list
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a recipe: " + "; ".join(f"{k}: {v[0]}" for k, v in sorted(PRESETS.items()))
+                    + " (flags given as well win)")
+    ap.add_argument("--layers", type=layer_list, default=None,
+                    help="blocks to edit, e.g. 15 or 12,18 (default: four spread over the depth, "
+                         "4,10,16,22 on a 30-block model)")
+    ap.add_argument("--rank", type=int, default=None, help="rank of each intervention (default: 4)")
+    ap.add_argument("--positions", default=None, help="l1, f1+l1, f3+l3, all, ... (default: f1+l1)")
+    from edge_reft.interventions import TRAINABLE, TYPES
+    ap.add_argument("--type", default="loreft", choices=TRAINABLE, metavar="TYPE",
+                    help="intervention type: " + "; ".join(f"{n}: {TYPES[n].formula}" for n in TRAINABLE)
+                    + " (default: loreft; direft drops the -Rh term and trains faster)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="passes over the data (default: 3 to 10, more for small data: ~500 example passes)")
+    ap.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay (default {DEFAULT_LR})")
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    ap.add_argument("--holdout", type=int, default=None,
+                    help="examples held out and scored after each epoch; training stops after 2 "
+                         "epochs without a better held-out loss and keeps the best (default: 10 %% "
+                         "of 50 or more examples, at most 64; 0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+
+
+def config_of(a: argparse.Namespace, base: str) -> "Any":
+    """The TrainConfig the recipe options ask for (a preset's values where no flag is given)."""
+    from edge_reft.train import TrainConfig
+    from edge_reft.train.trainer import DEFAULT_LR
+    preset = PRESETS[a.preset][1] if a.preset else {}
+    layers = a.layers if a.layers is not None else preset.get("layers")
+    if layers == "mid":
+        from edge_reft.fingerprint import base_model
+        layers = (base_model(base).n_layer // 2,)
+    return TrainConfig(layers=layers, rank=a.rank if a.rank is not None else preset.get("rank", 4),
+                       positions=a.positions or preset.get("positions", "f1+l1"), type=a.type,
+                       epochs=a.epochs if a.epochs is not None else preset.get("epochs"),
+                       lr=a.lr if a.lr is not None else preset.get("lr", DEFAULT_LR),
+                       batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps, holdout=a.holdout,
+                       prefix_cache=not getattr(a, "no_prefix_cache", False),
+                       prefix_cache_mb=getattr(a, "prefix_cache_mb", 1024),
+                       weights_cache_mb=getattr(a, "weights_cache_mb", None),
+                       recompute={"auto": None, "on": True, "off": False}[getattr(a, "recompute", "auto")])
+
+
 def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     from .common import model_of
     a.base = model_of(a, "base")
     from edge_reft.services.cli.inspect import format_patch
-    from edge_reft.train import TrainConfig, train
-    from edge_reft.train.trainer import DEFAULT_LR
+    from edge_reft.train import train
 
     evaluate = None
     if a.eval_data is not None:
@@ -90,19 +118,7 @@ def main(argv: list[str]) -> int:
             print(f"[train] eval: {msg}", file=sys.stderr, flush=True)
         evaluate = lambda patch: evaluate_patch(a.base, patch, a.eval_data, say=say)  # noqa: E731
 
-    preset = PRESETS[a.preset][1] if a.preset else {}
-    layers = a.layers if a.layers is not None else preset.get("layers")
-    if layers == "mid":
-        from edge_reft.fingerprint import base_model
-        layers = (base_model(a.base).n_layer // 2,)
-    cfg = TrainConfig(layers=layers, rank=a.rank if a.rank is not None else preset.get("rank", 4),
-                      positions=a.positions or preset.get("positions", "f1+l1"), type=a.type,
-                      epochs=a.epochs if a.epochs is not None else preset.get("epochs"),
-                      lr=a.lr if a.lr is not None else preset.get("lr", DEFAULT_LR),
-                      batch_size=a.batch_size, seed=a.seed, max_steps=a.max_steps, holdout=a.holdout,
-                      prefix_cache=not a.no_prefix_cache, prefix_cache_mb=a.prefix_cache_mb,
-                      weights_cache_mb=a.weights_cache_mb,
-                      recompute={"auto": None, "on": True, "off": False}[a.recompute])
+    cfg = config_of(a, a.base)
     try:
         patch = train(a.base, a.data, a.out, cfg, kind=a.backbone, evaluate=evaluate, resume=a.resume,
                       name=a.name, description=a.description, force=a.force,
