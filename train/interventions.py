@@ -130,16 +130,51 @@ class BatchHooks:
 
     def _hook(self, layer: int):
         at = [[k for k, s in enumerate(reft.specs) if s.layer == layer] for reft, _, _ in self.members]
+        if len(self.members) == 1:  # one user: its own edit on the whole batch
+            (reft, _, masks), ks = self.members[0], at[0]
 
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
-            parts = []
-            for (reft, rows, masks), ks in zip(self.members, at):
-                part = h[rows]
+            def alone(module: Any, args: Any, output: Any) -> Any:
+                h = output[0] if isinstance(output, tuple) else output
                 for k in ks:
-                    edited = edit(part, *reft.types[k].compile(*reft.tensors(k)))
-                    part = torch.where(masks[k][..., None], edited, part)
-                parts.append(part)
-            h = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    h = torch.where(masks[k][..., None], edit(h, *reft.types[k].compile(*reft.tensors(k))), h)
+                return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+            return alone
+        owner = torch.cat([torch.full((rows.stop - rows.start,), i, dtype=torch.long)
+                           for i, (_, rows, _) in enumerate(self.members)])
+
+        def fleet(module: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            for slot in range(max(map(len, at))):  # each member's slot-th intervention on this block
+                h = _edit_rows(h, [(reft, ks[slot], masks[ks[slot]]) if slot < len(ks) else None
+                                   for (reft, _, masks), ks in zip(self.members, at)], owner.to(h.device))
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-        return hook
+        return fleet
+
+
+def _edit_rows(h: torch.Tensor, edits: Sequence[tuple[TrainableReft, int, torch.Tensor] | None],
+               owner: torch.Tensor) -> torch.Tensor:
+    """Rows of ``h`` edited each by its owner's intervention, in one batched product: member i's
+    (A, B, c), zero-padded to the largest rank (the padding adds exact zeros), gathered per row;
+    a member's mask says where its edit applies (a member without one: nowhere)."""
+    rank = max(reft.specs[k].rank for e in edits if e for reft, k, _ in [e])
+    d, width = h.shape[-1], h.shape[1]
+    A, B, c, where = [], [], [], []
+    for i, e in enumerate(edits):
+        n = int((owner == i).sum())
+        if e is None:
+            A.append(h.new_zeros(rank, d, dtype=torch.float32))
+            B.append(A[-1])
+            c.append(h.new_zeros(rank, dtype=torch.float32))
+            where.append(torch.zeros(n, width, dtype=torch.bool, device=h.device))
+            continue
+        reft, k, mask = e
+        a, b, bias = reft.types[k].compile(*reft.tensors(k))
+        pad = rank - a.shape[0]
+        A.append(torch.nn.functional.pad(a.float(), (0, 0, 0, pad)))
+        B.append(torch.nn.functional.pad(b.float(), (0, 0, 0, pad)))
+        c.append(torch.nn.functional.pad(bias.float(), (0, pad)))
+        where.append(mask)
+    A, B, c = torch.stack(A)[owner], torch.stack(B)[owner], torch.stack(c)[owner]
+    h32 = h.float()
+    u = torch.bmm(h32, B.transpose(1, 2)) + c[:, None, :]
+    return torch.where(torch.cat(where)[..., None], h32 + torch.bmm(u, A), h)

@@ -254,11 +254,10 @@ def cached_forward(model: Any, entries: Sequence[Entry], first_layer: int) -> to
     device = model_device(model)
     h, mask, pos, keys, vals = (t.to(device) for t in (h, mask, pos, keys, vals))
     past = DynamicCache(config=cfg)
+    unused = torch.zeros(1, n_kv, P, hd, device=device).expand(B, -1, -1, -1)  # blocks below: never read
     for L in range(cfg.num_hidden_layers):
         a = L - first_layer
-        k = keys[a] if a >= 0 else torch.zeros(B, n_kv, P, hd, device=device)
-        v = vals[a] if a >= 0 else torch.zeros(B, n_kv, P, hd, device=device)
-        past.update(k, v, L)
+        past.update(keys[a] if a >= 0 else unused, vals[a] if a >= 0 else unused, L)
     layers = decoder_layers(model)
     below = [layers[L] for L in range(first_layer)]
     for L in range(first_layer):

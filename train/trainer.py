@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,6 +161,24 @@ def _weight_caches(model: Any) -> list:
                  if isinstance(m, GGUFLinear) and m.cache is not None}.values())
 
 
+@contextmanager
+def prefix_weights(model: Any, config: TrainConfig) -> Iterator[None]:
+    """While the prefix pass runs every block: keep every dequantized weight when the whole
+    model's fit the automatic budget (SmolLM2: 100 examples' pass 15.9 s -> 10.1 s on 2 cores),
+    then the steps' working set only (the blocks from the first edited one, and the head)."""
+    caches = _weight_caches(model)
+    steps = [c.budget for c in caches]
+    if config.weights_cache_mb is None:
+        for c in caches:
+            c.budget = max(c.budget, auto_weights_cache(model, 0))
+    try:
+        yield
+    finally:
+        for c, budget in zip(caches, steps):
+            c.reset()
+            c.budget = budget
+
+
 class Trainer:
     """Trains on ``examples`` except the last ``config.holdout`` (the caller shuffles), which
     are scored after every epoch; with a holdout, training stops after PATIENCE epochs without
@@ -195,8 +214,11 @@ class Trainer:
             c.budget = budget
         # what a step runs through the trained blocks: positions first_edited.. with the prefix
         # cache (an l1 row: the prompt's last token and the reply), every position without it
-        self.ran = [len(e.tokens) - (self.reft.first_edited(len(e.prompt)) if config.prefix_cache else 0)
-                    for e in self.examples]
+        # per example: the positions before the first edited one (cached, attended to) and the
+        # positions a step runs through the trained blocks (l1 rows: the prompt's last token and
+        # the reply); without the prefix cache every position runs
+        self.past = [self.reft.first_edited(len(e.prompt)) if config.prefix_cache else 0 for e in self.examples]
+        self.ran = [len(e.tokens) - p for e, p in zip(self.examples, self.past)]
         self.recompute = config.recompute if config.recompute is not None else auto_recompute(
             model, self.first_layer, self.ran, config.batch_size)
         self._batches: list | None = None
@@ -213,12 +235,9 @@ class Trainer:
                                             self.ckpt / "prefix" if self.ckpt else None)
             if self.ckpt:
                 (self.ckpt / "prefix").mkdir(parents=True, exist_ok=True)
-            prefix.build(self.model, self.examples, self.first_layer, self.reft.first_edited, self.cache,
-                         batch=self.config.batch_size, progress=progress)
-            # the weights cache keeps what came first: the prefix pass's (every block from 0);
-            # the steps need only the blocks from the first edited one, and the head
-            for c in _weight_caches(self.model):
-                c.reset()
+            with prefix_weights(self.model, self.config):
+                prefix.build(self.model, self.examples, self.first_layer, self.reft.first_edited, self.cache,
+                             batch=self.config.batch_size, progress=progress)
 
     def batches(self) -> list[np.ndarray]:
         return batches(self.n_train, self.config)[:self.total]

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     out_dir = Path(a.out_dir)
     try:
         if a.ray:
-            from edge_reft.train.many_ray import train_many_ray
+            from edge_reft.services.fleet_ray import train_many_ray
             if a.actors < 1 or a.retries < 0:
                 raise ReftError(f"--actors {a.actors} / --retries {a.retries}: expected >= 1 / >= 0")
             outcomes = train_many_ray(a.ray, a.base, jobs, out_dir, actors=a.actors, cpus=a.actor_cpus,

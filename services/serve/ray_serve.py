@@ -28,20 +28,9 @@ from typing import Any, AsyncIterator
 
 from edge_reft.errors import ReftError
 
+from ..raycluster import RayMissing, connected  # first: it imports ray, on the loopback
 
-class RayMissing(ReftError, ModuleNotFoundError):
-    """ray[serve] is not installed: the CLI says so in one line, pytest.importorskip skips."""
-
-
-# Ray on Linux turns a node address of 127.0.0.1 into the host's reachable one, and its processes
-# listen on every interface.  This switch, read once when ray is imported (here and by the
-# cluster's processes, which inherit it), keeps a cluster started here on the loopback;
-# local_cluster checks that it did.
-LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
-    os.environ.setdefault(LOOPBACK, "0")
 try:
-    import ray
     from ray import serve
     from ray.serve.exceptions import BackPressureError
 except ImportError as e:  # the [ray] extra is optional: say how to get it, in one line
@@ -302,21 +291,15 @@ def local_cluster(host: str = "127.0.0.1", port: int = 8000, num_cpus: int | Non
     replicas' output (the access log) is not shown here.  On the way out, whatever happened, a
     cluster of our own is shut down; a joined one loses only this app (it may serve others)."""
     address = os.environ.get("RAY_ADDRESS")
-    local = dict(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus or os.cpu_count(),
-                 object_store_memory=256 << 20)
-    ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING", **({} if address else local))
-    try:
-        if not address and ray.util.get_node_ip_address() != "127.0.0.1":
-            raise ReftError(f"the local Ray cluster listens on {ray.util.get_node_ip_address()}, not 127.0.0.1: "
-                            f"ray was imported before edge_reft.services.serve.ray_serve (or set {LOOPBACK}=0)")
-        # Serve already running on a joined cluster keeps its own proxy settings (Ray says so)
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port},
-                    logging_config={"log_level": "WARNING"})
-        yield f"http://{host}:{port}"
-    finally:
-        with contextlib.suppress(Exception):
-            stop() if address else serve.shutdown()
-        ray.shutdown()  # a joined cluster: this process only disconnects
+    with connected(address, num_cpus, quiet):
+        try:
+            # Serve already running on a joined cluster keeps its own proxy settings (Ray says so)
+            serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port},
+                        logging_config={"log_level": "WARNING"})
+            yield f"http://{host}:{port}"
+        finally:
+            with contextlib.suppress(Exception):
+                stop() if address else serve.shutdown()
 
 
 def run(app) -> None:
