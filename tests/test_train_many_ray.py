@@ -55,10 +55,15 @@ def in_process(smol_q4, jobs, tmp_path_factory):
     return out
 
 
+# Shards of 8 users train in other batch shapes than one fleet of 16: float32 round-off, which
+# AdamW scales up where a gradient is ~0 (its step is lr x m / sqrt(v): ~lr x sign); seen: 3.0e-5
+TOL = 1e-4
+
+
 def _same(a, b):
     for x, y in zip(load_patch(a).interventions, load_patch(b).interventions):
-        assert np.abs(x.rotate - y.rotate).max() < 2e-5 and np.abs(x.weight - y.weight).max() < 2e-5 \
-            and np.abs(x.bias - y.bias).max() < 2e-5
+        assert np.abs(x.rotate - y.rotate).max() < TOL and np.abs(x.weight - y.weight).max() < TOL \
+            and np.abs(x.bias - y.bias).max() < TOL
 
 
 def test_two_local_actors_write_every_patch_equal_to_one_process(smol_q4, jobs, in_process, tmp_path):

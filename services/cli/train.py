@@ -18,7 +18,6 @@ PRESETS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    from edge_reft.train.backbone import DEVICES
     from edge_reft.train.trainer import AUTO_WEIGHTS_CACHE
 
     from .common import add_model, verb_parser
@@ -29,10 +28,7 @@ def parser() -> argparse.ArgumentParser:
     add_recipe(ap)
     ap.add_argument("--eval-data", default=None, help="JSONL scored after training (through llama.cpp)")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT.ckpt/")
-    ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
-                    help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
-    ap.add_argument("--device", choices=DEVICES, default="auto",
-                    help="where training computes: auto picks CUDA, then Apple's MPS, then the CPU")
+    add_backbone(ap)
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="run every step over the whole sequence and model (slower; same result)")
     ap.add_argument("--weights-cache-mb", type=int, default=None,
@@ -49,6 +45,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--description", default="", help="a line about the patch (stored in the file)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out that is not a .reft file")
     return ap
+
+
+def add_backbone(ap: argparse.ArgumentParser) -> None:
+    """Which backbone, on which device (train and train-many)."""
+    from edge_reft.train.backbone import DEVICES
+    ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
+                    help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
+    ap.add_argument("--device", choices=DEVICES, default="auto",
+                    help="where training computes: auto picks CUDA, then Apple's MPS, then the CPU")
 
 
 def add_recipe(ap: argparse.ArgumentParser) -> None:

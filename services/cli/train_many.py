@@ -14,11 +14,10 @@ import sys
 
 
 def parser() -> argparse.ArgumentParser:
-    from edge_reft.train.backbone import DEVICES
     from edge_reft.train.many import DEFAULT_PREFIX_MB
 
     from .common import add_model, verb_parser
-    from .train import add_recipe
+    from .train import add_backbone, add_recipe
     ap = verb_parser("train-many", __doc__, "edge-reft train-many -m model.gguf --jobs users.jsonl --out-dir patches/")
     add_model(ap, "the .gguf every user's patch trains on (or an HF model folder, NF4)", "base")
     ap.add_argument("--jobs", required=True, help="a JSON Lines file of jobs, or a folder of NAME.jsonl data files")
@@ -27,9 +26,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="continue each user's checkpoint; skip users whose patch is written from the same "
                          "data and options")
-    ap.add_argument("--backbone", choices=["gguf", "nf4"], default=None,
-                    help="gguf: the file's own blocks (default for a .gguf); nf4: bitsandbytes (HF folders)")
-    ap.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, then MPS, then the CPU")
+    add_backbone(ap)
     ap.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_MB,
                     help=f"MiB of all users' cached prefixes kept in memory; the rest go to disk "
                          f"(default {DEFAULT_PREFIX_MB})")
