@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 from edge_reft.errors import ReftError
 from edge_reft.files import write_bytes
 from edge_reft.train.many import DEFAULT_PREFIX_MB, Job, Outcome, plan
-from .raycluster import connected, ray
+from .serve.raycluster import connected, ray
 
 
 class FleetActor:

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 
 from edge_reft.errors import ReftError
 
-from ..raycluster import RayMissing, connected  # first: it imports ray, on the loopback
+from .raycluster import RayMissing, connected  # first: it imports ray, on the loopback
 
 try:
     from ray import serve

@@ -47,7 +47,7 @@ def connected(address: str | None = None, num_cpus: int | None = None, quiet: bo
     try:
         if own and ray.util.get_node_ip_address() != "127.0.0.1":
             raise ReftError(f"the local Ray cluster listens on {ray.util.get_node_ip_address()}, not 127.0.0.1: "
-                            f"ray was imported before edge_reft.services.raycluster (or set {LOOPBACK}=0)")
+                            f"ray was imported before edge_reft.services.serve.raycluster (or set {LOOPBACK}=0)")
         yield own
     finally:
         ray.shutdown()
