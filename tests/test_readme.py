@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# minutes each: ONNX export; training with the default recipe (tests/test_train.py covers the CLI fast)
-SLOW = ("export-onnx", "smol-onnx", "onnx_dir", "edge-reft train ")
+# minutes each: ONNX export; training with the default recipe (tests/test_train.py covers the CLI fast);
+# a local Ray cluster
+SLOW = ("export-onnx", "smol-onnx", "onnx_dir", "edge-reft train ", "--ray")
 
 
 def commands() -> list[str]:
@@ -76,6 +77,12 @@ def place(tmp_path_factory, smol_q4):
     write_jsonl(sst2_records("train", 8), d / "notes.jsonl")
     write_jsonl(sst2_records("test", 6), d / "held_out.jsonl")
     to_pyreft(random_patch(base, [(15, "f1", 2), (15, "l1", 2)], seed=5), d / "my_reft_dir")  # untied f1+l1
+    # train-many's jobs: a file of two users and a folder of one, each a few steps on notes.jsonl
+    jobs = [{"name": n, "data": "notes.jsonl", "seed": i, "max_steps": 2} for i, n in enumerate(("bob", "carol"))]
+    (d / "users.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    (d / "users").mkdir()
+    write_jsonl(sst2_records("train", 8), d / "users" / "dan.jsonl")
+    (d / "users" / "dan.json").write_text(json.dumps({"max_steps": 2, "positions": "f1+l1"}))
     return {"dir": d, "sha": sha256_file(d / "patches" / "alice.reft")}
 
 
@@ -121,7 +128,9 @@ def test_readme_command_runs_as_written(command, place, request):
         argv = [a.replace("localhost:8080", f"127.0.0.1:{port}") for a in argv]
         if not shutil_which("curl"):
             pytest.skip("curl is not installed on this machine")
-    elif "serve" in argv[3:4]:
+    elif "--ray" in argv:
+        pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    if "serve" in argv[3:4]:
         request.getfixturevalue("server")  # the server fixture runs this very command
         return
     stdin = "Hi\n/bye\n" if "--chat" in argv else None
