@@ -59,8 +59,18 @@ def _run(cmd: Sequence[str], log: Path, what: str) -> None:
         raise BackendError(f"llama-server build: {what} failed (exit {rc}), expected exit 0; log tail:\n{tail}")
 
 
+PREBUILT = "EDGE_REFT_LLAMA_SERVER"  # a llama-server built elsewhere from the same sources (a GPU build)
+
+
 def build() -> Path:
-    """The llama-server binary for this machine, built once into the cache (a few minutes)."""
+    """The llama-server binary for this machine, built once into the cache (a few minutes), or
+    $EDGE_REFT_LLAMA_SERVER: one built from the same pinned sources with a GPU backend
+    (benchmarks/gpu/serve.sh builds it with CUDA beside the libraries edge-reft then loads)."""
+    if os.environ.get(PREBUILT):
+        binary = Path(os.environ[PREBUILT])
+        if not binary.is_file():
+            raise BackendError(f"${PREBUILT}: {binary} is not a file, expected a llama-server binary")
+        return binary
     target = cache_dir() / "llama-server" / _machine_key()
     binary = target / "llama-server"
     if binary.is_file():
@@ -109,7 +119,8 @@ def flags(n_parallel: int, ctx_per_slot: int = 2048, threads: int | None = None,
 
 def note(*args, **kwargs) -> str:
     """The flags as one string, for a benchmark table's header (same arguments as ``flags``)."""
-    return f"llama-server {VERSION} (CPU) " + " ".join(flags(*args, **kwargs))
+    kind = f"${PREBUILT}" if os.environ.get(PREBUILT) else "CPU"
+    return f"llama-server {VERSION} ({kind}) " + " ".join(flags(*args, **kwargs))
 
 
 def free_port() -> int:

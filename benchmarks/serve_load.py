@@ -15,6 +15,12 @@ chat requests, greedy:
 - edge-reft, per-context pool: ``--slots 1 --workers 2`` (how `serve` ran before
   batching: a context per request), every request a different patch.
 
+``--prompts cycle`` (the default) sends the 8 chat prompts above in turn, so a
+server may answer a prompt's head from cells another request left;
+``--prompts unique`` sends every request a prompt of its own (a reply asked to a
+real SST-2 review, 20-60 tokens), as thousands of users would: no server
+can reuse another request's prompt beyond the chat template.
+
 For each number of concurrent clients C the four run in interleaved rounds
 (ABCD, DCBA, ...).  Every edge-reft answer is compared with the same request run
 alone on a fresh one-sequence engine (cache off); a cross-user leak differs.
@@ -108,6 +114,17 @@ async def load(url: str, jobs: list[tuple[str, str | None]], clients: int, max_t
         return out, time.perf_counter() - t0
 
 
+def prompt_list(kind: str, n: int) -> list[str]:
+    """``n`` chat prompts: the 8 above in turn, or ``n`` distinct replies to SST-2 reviews."""
+    if kind == "cycle":
+        return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    from edge_reft.tasks import sst2
+    reviews = list(dict.fromkeys(s for half in ("test", "train") for s, _ in sst2(half)))  # distinct, in order
+    if len(reviews) < n:
+        raise SystemExit(f"--prompts unique: SST-2 holds {len(reviews)} reviews, {n} requested")
+    return [f"Answer this movie review in two sentences: {s}" for s in reviews[:n]]
+
+
 def make_patches(base, folder: Path, n: int, specs=SPECS) -> list[str]:
     from edge_reft.patch import random_patch
     from edge_reft.reftfile import save_patch
@@ -119,8 +136,14 @@ def make_patches(base, folder: Path, n: int, specs=SPECS) -> list[str]:
     return names
 
 
-def expected(model: str, folder: Path, jobs: set[tuple[str, str | None]], max_tokens: int) -> dict:
-    """Each (prompt, patch) run alone on a fresh one-sequence engine, cache off."""
+def expected(model: str, folder: Path, jobs: set[tuple[str, str | None]], max_tokens: int,
+             ngl: int = 0) -> dict | None:
+    """Each (prompt, patch) run alone on a fresh one-sequence engine, cache off.  None with
+    layers on a GPU: there a batch changes the kernels, so answers differ from alone even
+    without patches (benchmarks/results/batch_decode_h200.txt) and this is no leak test; the
+    exact one is the CPU's."""
+    if ngl:
+        return None
     from edge_reft.runtime import Engine
     with Engine(model, n_ctx=512) as solo:
         return {(p, n): solo.generate(p, patch=folder / f"{n}.reft" if n else None, max_tokens=max_tokens,
@@ -146,21 +169,25 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
     import llama_server
     from edge_reft.runtime.llamacpp.repack import choose_repack
     repack = choose_repack(None)[0]
+    # on a GPU both run llama.cpp's default attention (flash attention auto), every layer there
+    extra = ("-ngl", str(a.ngl)) if a.ngl else LLAMA_EXTRA
+    gpu = ("--ngl", str(a.ngl)) if a.ngl else ()
     for clients in a.clients:
-        plain = [(PROMPTS[i % len(PROMPTS)], None) for i in range(a.requests)]
-        mixed = [(PROMPTS[i % len(PROMPTS)], names[i % len(names)]) for i in range(a.requests)]
-        want = expected(model, folder, set(plain) | set(mixed), a.max_tokens)
+        prompts = prompt_list(a.prompts, a.requests)
+        plain = [(p, None) for p in prompts]
+        mixed = [(p, names[i % len(names)]) for i, p in enumerate(prompts)]
+        want = expected(model, folder, set(plain) | set(mixed), a.max_tokens, a.ngl)
         with ExitStack() as stack:
             anchor = stack.enter_context(llama_server.start(model, clients, ctx_per_slot=512, repack=repack,
-                                                            extra=LLAMA_EXTRA))
+                                                            extra=extra))
             servers = {
                 "llama-server -np C -cb": (anchor, plain, None),
-                "edge-reft, no patches": (stack.enter_context(edge_server(model, folder, "--slots", str(clients)))[0],
-                                          plain, want),
-                "edge-reft, a patch each": (stack.enter_context(edge_server(model, folder, "--slots", str(clients)))[0],
-                                            mixed, want),
+                "edge-reft, no patches": (stack.enter_context(edge_server(
+                    model, folder, "--slots", str(clients), *gpu))[0], plain, want),
+                "edge-reft, a patch each": (stack.enter_context(edge_server(
+                    model, folder, "--slots", str(clients), *gpu))[0], mixed, want),
                 "edge-reft per-context pool, a patch each": (stack.enter_context(edge_server(
-                    model, folder, "--slots", "1", "--workers", "2"))[0], mixed, want),
+                    model, folder, "--slots", "1", "--workers", "2", *gpu))[0], mixed, want),
             }
             got = {k: [] for k in servers}
             wall = dict.fromkeys(servers, 0.0)
@@ -181,9 +208,11 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
             row.append(row[-1] / anchor_tps)
         pool_tps = rows[-1][-2]
         print(table(HEAD + ["x llama-server"], rows,
-                    title=f"\n{clients} concurrent clients, {a.requests} chat requests each, {a.max_tokens} new "
+                    title=f"\n{clients} concurrent clients, {a.requests} chat requests each ({a.prompts} prompts), "
+                          f"{a.max_tokens} new "
                           f"tokens at most, greedy, {a.rounds} interleaved rounds; {os.cpu_count()} cores; "
-                          f"{llama_server.note(clients, 512, repack=repack, extra=LLAMA_EXTRA)}"))
+                          f"{llama_server.note(clients, 512, repack=repack, extra=extra)}"
+                          + ("; leaks not checked on a GPU (a batch changes its kernels)" if a.ngl else "")))
         print(f"edge-reft batched / per-context pool (a patch each): {rows[2][-2] / pool_tps:.2f}x tokens/s")
 
 
@@ -209,12 +238,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--many", type=int, default=0, help="the many-patch run instead: this many patches")
     ap.add_argument("--many-requests", type=int, default=2000)
+    ap.add_argument("--prompts", choices=("cycle", "unique"), default="cycle",
+                    help="the 8 prompts in turn, or a distinct real prompt (an SST-2 review) for every request")
     ap.add_argument("--l1-only", action="store_true",
                     help="every patch edits the last prompt token only (l1): users share the prompt's cells")
+    ap.add_argument("--model", help="a .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--ngl", type=int, default=0,
+                    help="layers on the GPU, for both servers (a GPU build: benchmarks/gpu/serve.sh)")
     a = ap.parse_args()
     from edge_reft.fingerprint import from_gguf
     from edge_reft.models import default_model
-    model = str(default_model())
+    model = a.model or str(default_model())
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
     specs = [s for s in SPECS if s[1] == "l1"] if a.l1_only else SPECS
     names = make_patches(from_gguf(model), folder, a.many or max(a.requests, 8), specs)
