@@ -14,6 +14,11 @@ chat requests, greedy:
   all-positions patches in turn);
 - edge-reft, per-context pool: ``--slots 1 --workers 2`` (how `serve` ran before
   batching: a context per request), every request a different patch.
+- with ``--also ARGS`` (repeatable): edge-reft with those flags, a patch each
+  (several batching workers, for instance, on a GPU).
+
+With ``--ngl N`` every server runs N layers on the GPU (a GPU build of both:
+benchmarks/gpu/serve.sh).
 
 ``--prompts cycle`` (the default) sends the 8 chat prompts above in turn, so a
 server may answer a prompt's head from cells another request left;
@@ -189,6 +194,9 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
                 "edge-reft per-context pool, a patch each": (stack.enter_context(edge_server(
                     model, folder, "--slots", "1", "--workers", "2", *gpu))[0], mixed, want),
             }
+            for args in a.also:  # more edge-reft configurations, a patch each
+                servers[f"edge-reft {args}, a patch each"] = (stack.enter_context(edge_server(
+                    model, folder, *args.split(), *gpu))[0], mixed, want)
             got = {k: [] for k in servers}
             wall = dict.fromkeys(servers, 0.0)
             for url, jobs, _ in servers.values():  # warm-up
@@ -206,7 +214,7 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
         anchor_tps = rows[0][-1]
         for row in rows:
             row.append(row[-1] / anchor_tps)
-        pool_tps = rows[-1][-2]
+        pool_tps = rows[3][-2]
         print(table(HEAD + ["x llama-server"], rows,
                     title=f"\n{clients} concurrent clients, {a.requests} chat requests each ({a.prompts} prompts), "
                           f"{a.max_tokens} new "
@@ -242,6 +250,8 @@ def main() -> None:
                     help="the 8 prompts in turn, or a distinct real prompt (an SST-2 review) for every request")
     ap.add_argument("--l1-only", action="store_true",
                     help="every patch edits the last prompt token only (l1): users share the prompt's cells")
+    ap.add_argument("--also", action="append", default=[], metavar="ARGS",
+                    help='another edge-reft server, a patch each, with these flags (e.g. "--workers 2 --slots 4")')
     ap.add_argument("--model", help="a .gguf (default: the embedded SmolLM2)")
     ap.add_argument("--ngl", type=int, default=0,
                     help="layers on the GPU, for both servers (a GPU build: benchmarks/gpu/serve.sh)")

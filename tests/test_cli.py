@@ -147,3 +147,25 @@ def test_the_same_patch_twice_is_warned(smol_q4, tmp_path):
     patch = save_patch(random_patch(BaseModel("llama", 576, 30, "ab" * 32), [(1, "l1", 2)]), tmp_path / "p.reft")
     r = cli("run", "-p", "Hi", "-n", "2", "--patch", str(patch), "--patch", str(patch), "--allow-mismatch")
     assert "is given 2 times" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags, line", [((), "1 worker of 8 slots"), (("--ngl", "99"), "2 workers of 8 slots"),
+                                         (("--ngl", "99", "--workers", "1", "--slots", "4"), "1 worker of 4 slots")])
+def test_serve_says_its_workers_two_by_default_with_layers_on_a_gpu(smol_q4, tmp_path, flags, line):
+    """With layers on a GPU a batching worker waits on host work between decodes, so serve
+    takes two unless told (on a CPU-only build --ngl places nothing and the engines still load)."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edge_reft", "serve", str(smol_q4), "--patches", str(tmp_path),
+                             "--port", str(port), "--ctx", "256", *flags], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, err = time.time() + 120, ""
+        while "serving on" not in err and proc.poll() is None and time.time() < deadline:
+            err += proc.stderr.readline()
+        assert f"serving on http://127.0.0.1:{port} ({line}, patches from" in err, err[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

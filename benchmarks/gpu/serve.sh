@@ -61,7 +61,10 @@ job)
   cd benchmarks
   python3 -c "from edge_reft.runtime import Engine; e = Engine('$MODEL', n_gpu_layers=99); print('engine:', e.runtime_notes())"
   for clients in ${CLIENTS:-8 32}; do
+    # also two batching workers of C/2 slots: one's host work (sampling, the next plan) overlaps
+    # the other's decode on the GPU
     python3 serve_load.py --model $MODEL --ngl 99 --clients $clients --requests "${REQUESTS:-256}" --rounds 2 \
+      --also "--workers 2 --slots $((clients / 2))" \
       2>&1 | tee -a $JOB/report-serve.txt
   done ;;
 esac
