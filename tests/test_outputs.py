@@ -128,12 +128,18 @@ def test_cache_verb_lists_and_clears_but_keeps_patches(tmp_path):
     (tmp_path / "hf" / "abc" / "model.safetensors").write_bytes(b"x" * 3 * 2**20)
     (tmp_path / "patches").mkdir()
     (tmp_path / "patches" / "alice.reft").write_bytes(b"p")
+    (tmp_path / "llama-server" / "0.3.36-x").mkdir(parents=True)  # the serving benchmarks' build
+    (tmp_path / "llama-server" / "0.3.36-x" / "llama-server").write_bytes(b"s" * 2**20)
+    (tmp_path / "someone-elses").mkdir()  # a folder this version does not know: listed, never cleared
+    (tmp_path / "someone-elses" / "keep").write_bytes(b"k" * 2**20)
     env = {**os.environ, "EDGE_REFT_CACHE": str(tmp_path)}
     run = lambda *a: subprocess.run([sys.executable, "-m", "edge_reft", "cache", *a], env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
     listed = run().stdout
     assert "3.0 MiB  abc" in listed and "alice.reft" in listed
+    assert "1.0 MiB  0.3.36-x" in listed and "someone-elses" in listed and "clear leaves it" in listed
     r = run("clear", "all")
-    assert r.returncode == 0 and "cleared hf: 3.0 MiB" in r.stderr
+    assert r.returncode == 0 and "cleared hf: 3.0 MiB" in r.stderr and "cleared llama-server: 1.0 MiB" in r.stderr
     assert not (tmp_path / "hf" / "abc").exists() and (tmp_path / "patches" / "alice.reft").exists()
+    assert not (tmp_path / "llama-server" / "0.3.36-x").exists() and (tmp_path / "someone-elses" / "keep").exists()
     assert run("clear", "everything").returncode == 1

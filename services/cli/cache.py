@@ -2,9 +2,11 @@
 
 hf: float32 copies of GGUF models, written once per model for training an HF-side
 backbone and for export-onnx (large: 4 bytes per parameter); onnx: graphs built by the
-benchmarks; models: assembled embedded models; patches: patches fetched by `pull`
-(cleared only when named).  The folder is $EDGE_REFT_CACHE, else the platform's cache
-folder."""
+benchmarks and tests; models: assembled embedded models; shapes: the tests' random-weight
+models of real architectures; llama-server: llama.cpp's server built by the serving
+benchmarks; patches: patches fetched by `pull` (cleared only when named).  Any other
+folder found there is listed too.  The folder is $EDGE_REFT_CACHE, else the platform's
+cache folder."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +15,8 @@ import sys
 from .common import verb_parser
 
 KINDS = {"hf": "float32 copies of GGUF models (train, export-onnx)", "onnx": "ONNX graphs built by benchmarks",
-         "models": "assembled embedded models", "patches": "patches fetched by `edge-reft pull`"}
+         "models": "assembled embedded models", "shapes": "random-weight models of real architectures (tests)",
+         "llama-server": "llama.cpp's own server (serving benchmarks)", "patches": "patches fetched by `edge-reft pull`"}
 
 
 def main(argv: list[str]) -> int:
@@ -27,13 +30,15 @@ def main(argv: list[str]) -> int:
     root = cache_dir()
     if a.action == "list":
         print(f"cache folder: {root}")
-        for kind, about in KINDS.items():
+        other = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in KINDS
+                       and not p.name.startswith(".")) if root.is_dir() else []
+        for kind, about in {**KINDS, **dict.fromkeys(other, "unknown to this version (clear leaves it)")}.items():
             d = root / kind
             entries = sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
-            print(f"  {kind:<8} {tree_bytes(d) / 2**20 if d.is_dir() else 0:>10.1f} MiB  "
+            print(f"  {kind:<12} {tree_bytes(d) / 2**20 if d.is_dir() else 0:>10.1f} MiB  "
                   f"{len(entries):>3} entries  {about}")
             for e in entries:
-                print(f"           {tree_bytes(e) / 2**20:>10.1f} MiB  {e.name}")
+                print(f"               {tree_bytes(e) / 2**20:>10.1f} MiB  {e.name}")
         return 0
     bad = [w for w in a.what if w not in (*KINDS, "all")]
     if bad or not a.what:
